@@ -1,0 +1,1 @@
+"""Generated iCEFARM API stubs."""

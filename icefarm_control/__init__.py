@@ -1,0 +1,1 @@
+"""icefarm_control."""
