@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from icefarm.v1 import types_pb2 as icefarm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$icefarm/v1/reservation_service.proto\x12\nicefarm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16icefarm/v1/types.proto\"\xb3\x02\n\x0eReserveRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12;\n\tmode_args\x18\x05 \x03(\x0b\x32(.icefarm.v1.ReserveRequest.ModeArgsEntry\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a/\n\rModeArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0fReserveResponse\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.icefarm.v1.Reservation\x12\r\n\x05token\x18\x02 \x01(\t\"b\n\rExtendRequest\x12\x17\n\x0freservation_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\x0e\x45xtendResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.icefarm.v1.Reservation\"J\n\x0eReleaseRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"D\n\x0fReleaseResponse\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x1d\n\x15\x65nded_reservation_ids\x18\x02 \x03(\t\"W\n\x17ListReservationsRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x18ListReservationsResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.icefarm.v1.Reservation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x16GetAvailabilityRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\"<\n\x17GetAvailabilityResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"\xc2\x01\n\x0eSessionRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.icefarm.v1.HelloH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.icefarm.v1.PingH\x00\x12.\n\x05watch\x18\x03 \x01(\x0b\x32\x1d.icefarm.v1.WatchAvailabilityH\x00\x12\x32\n\x07unwatch\x18\x04 \x01(\x0b\x32\x1f.icefarm.v1.UnwatchAvailabilityH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0fSessionResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.icefarm.v1.WelcomeH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.icefarm.v1.PongH\x00\x12\"\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.icefarm.v1.EventH\x00\x42\x06\n\x04kind\"\x1d\n\x05Hello\x12\x14\n\x0cresume_after\x18\x01 \x01(\x04\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"4\n\x11WatchAvailability\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\'\n\x13UnwatchAvailability\x12\x10\n\x08selector\x18\x01 \x01(\t\"W\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\"\n\x06timers\x18\x03 \x01(\x0b\x32\x12.icefarm.v1.Timers2\xe0\x03\n\x12ReservationService\x12\x42\n\x07Reserve\x12\x1a.icefarm.v1.ReserveRequest\x1a\x1b.icefarm.v1.ReserveResponse\x12?\n\x06\x45xtend\x12\x19.icefarm.v1.ExtendRequest\x1a\x1a.icefarm.v1.ExtendResponse\x12\x42\n\x07Release\x12\x1a.icefarm.v1.ReleaseRequest\x1a\x1b.icefarm.v1.ReleaseResponse\x12]\n\x10ListReservations\x12#.icefarm.v1.ListReservationsRequest\x1a$.icefarm.v1.ListReservationsResponse\x12Z\n\x0fGetAvailability\x12\".icefarm.v1.GetAvailabilityRequest\x1a#.icefarm.v1.GetAvailabilityResponse\x12\x46\n\x07Session\x12\x1a.icefarm.v1.SessionRequest\x1a\x1b.icefarm.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$icefarm/v1/reservation_service.proto\x12\nicefarm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16icefarm/v1/types.proto\"\xb3\x02\n\x0eReserveRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12;\n\tmode_args\x18\x05 \x03(\x0b\x32(.icefarm.v1.ReserveRequest.ModeArgsEntry\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a/\n\rModeArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0fReserveResponse\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.icefarm.v1.Reservation\x12\r\n\x05token\x18\x02 \x01(\t\"b\n\rExtendRequest\x12\x17\n\x0freservation_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa6\x01\n\x0e\x45xtendResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.icefarm.v1.Reservation\x12\x36\n\x06tokens\x18\x02 \x03(\x0b\x32&.icefarm.v1.ExtendResponse.TokensEntry\x1a-\n\x0bTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x0eReleaseRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"D\n\x0fReleaseResponse\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x1d\n\x15\x65nded_reservation_ids\x18\x02 \x03(\t\"W\n\x17ListReservationsRequest\x12\x15\n\rinclude_ended\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x18ListReservationsResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.icefarm.v1.Reservation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x16GetAvailabilityRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\"<\n\x17GetAvailabilityResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"\xc2\x01\n\x0eSessionRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.icefarm.v1.HelloH\x00\x12 \n\x04ping\x18\x02 \x01(\x0b\x32\x10.icefarm.v1.PingH\x00\x12.\n\x05watch\x18\x03 \x01(\x0b\x32\x1d.icefarm.v1.WatchAvailabilityH\x00\x12\x32\n\x07unwatch\x18\x04 \x01(\x0b\x32\x1f.icefarm.v1.UnwatchAvailabilityH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0fSessionResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.icefarm.v1.WelcomeH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.icefarm.v1.PongH\x00\x12\"\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.icefarm.v1.EventH\x00\x42\x06\n\x04kind\"\x1d\n\x05Hello\x12\x14\n\x0cresume_after\x18\x01 \x01(\x04\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"4\n\x11WatchAvailability\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\'\n\x13UnwatchAvailability\x12\x10\n\x08selector\x18\x01 \x01(\t\"W\n\x07Welcome\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\"\n\x06timers\x18\x03 \x01(\x0b\x32\x12.icefarm.v1.Timers2\xe0\x03\n\x12ReservationService\x12\x42\n\x07Reserve\x12\x1a.icefarm.v1.ReserveRequest\x1a\x1b.icefarm.v1.ReserveResponse\x12?\n\x06\x45xtend\x12\x19.icefarm.v1.ExtendRequest\x1a\x1a.icefarm.v1.ExtendResponse\x12\x42\n\x07Release\x12\x1a.icefarm.v1.ReleaseRequest\x1a\x1b.icefarm.v1.ReleaseResponse\x12]\n\x10ListReservations\x12#.icefarm.v1.ListReservationsRequest\x1a$.icefarm.v1.ListReservationsResponse\x12Z\n\x0fGetAvailability\x12\".icefarm.v1.GetAvailabilityRequest\x1a#.icefarm.v1.GetAvailabilityResponse\x12\x46\n\x07Session\x12\x1a.icefarm.v1.SessionRequest\x1a\x1b.icefarm.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST_MODEARGSENTRY']._loaded_options = None
   _globals['_RESERVEREQUEST_MODEARGSENTRY']._serialized_options = b'8\001'
+  _globals['_EXTENDRESPONSE_TOKENSENTRY']._loaded_options = None
+  _globals['_EXTENDRESPONSE_TOKENSENTRY']._serialized_options = b'8\001'
   _globals['_RESERVEREQUEST']._serialized_start=109
   _globals['_RESERVEREQUEST']._serialized_end=416
   _globals['_RESERVEREQUEST_MODEARGSENTRY']._serialized_start=369
@@ -43,36 +45,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVERESPONSE']._serialized_end=496
   _globals['_EXTENDREQUEST']._serialized_start=498
   _globals['_EXTENDREQUEST']._serialized_end=596
-  _globals['_EXTENDRESPONSE']._serialized_start=598
-  _globals['_EXTENDRESPONSE']._serialized_end=661
-  _globals['_RELEASEREQUEST']._serialized_start=663
-  _globals['_RELEASEREQUEST']._serialized_end=737
-  _globals['_RELEASERESPONSE']._serialized_start=739
-  _globals['_RELEASERESPONSE']._serialized_end=807
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=809
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=896
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=898
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=996
-  _globals['_GETAVAILABILITYREQUEST']._serialized_start=998
-  _globals['_GETAVAILABILITYREQUEST']._serialized_end=1040
-  _globals['_GETAVAILABILITYRESPONSE']._serialized_start=1042
-  _globals['_GETAVAILABILITYRESPONSE']._serialized_end=1102
-  _globals['_SESSIONREQUEST']._serialized_start=1105
-  _globals['_SESSIONREQUEST']._serialized_end=1299
-  _globals['_SESSIONRESPONSE']._serialized_start=1302
-  _globals['_SESSIONRESPONSE']._serialized_end=1437
-  _globals['_HELLO']._serialized_start=1439
-  _globals['_HELLO']._serialized_end=1468
-  _globals['_PING']._serialized_start=1470
-  _globals['_PING']._serialized_end=1491
-  _globals['_PONG']._serialized_start=1493
-  _globals['_PONG']._serialized_end=1514
-  _globals['_WATCHAVAILABILITY']._serialized_start=1516
-  _globals['_WATCHAVAILABILITY']._serialized_end=1568
-  _globals['_UNWATCHAVAILABILITY']._serialized_start=1570
-  _globals['_UNWATCHAVAILABILITY']._serialized_end=1609
-  _globals['_WELCOME']._serialized_start=1611
-  _globals['_WELCOME']._serialized_end=1698
-  _globals['_RESERVATIONSERVICE']._serialized_start=1701
-  _globals['_RESERVATIONSERVICE']._serialized_end=2181
+  _globals['_EXTENDRESPONSE']._serialized_start=599
+  _globals['_EXTENDRESPONSE']._serialized_end=765
+  _globals['_EXTENDRESPONSE_TOKENSENTRY']._serialized_start=720
+  _globals['_EXTENDRESPONSE_TOKENSENTRY']._serialized_end=765
+  _globals['_RELEASEREQUEST']._serialized_start=767
+  _globals['_RELEASEREQUEST']._serialized_end=841
+  _globals['_RELEASERESPONSE']._serialized_start=843
+  _globals['_RELEASERESPONSE']._serialized_end=911
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=913
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=1000
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=1002
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=1100
+  _globals['_GETAVAILABILITYREQUEST']._serialized_start=1102
+  _globals['_GETAVAILABILITYREQUEST']._serialized_end=1144
+  _globals['_GETAVAILABILITYRESPONSE']._serialized_start=1146
+  _globals['_GETAVAILABILITYRESPONSE']._serialized_end=1206
+  _globals['_SESSIONREQUEST']._serialized_start=1209
+  _globals['_SESSIONREQUEST']._serialized_end=1403
+  _globals['_SESSIONRESPONSE']._serialized_start=1406
+  _globals['_SESSIONRESPONSE']._serialized_end=1541
+  _globals['_HELLO']._serialized_start=1543
+  _globals['_HELLO']._serialized_end=1572
+  _globals['_PING']._serialized_start=1574
+  _globals['_PING']._serialized_end=1595
+  _globals['_PONG']._serialized_start=1597
+  _globals['_PONG']._serialized_end=1618
+  _globals['_WATCHAVAILABILITY']._serialized_start=1620
+  _globals['_WATCHAVAILABILITY']._serialized_end=1672
+  _globals['_UNWATCHAVAILABILITY']._serialized_start=1674
+  _globals['_UNWATCHAVAILABILITY']._serialized_end=1713
+  _globals['_WELCOME']._serialized_start=1715
+  _globals['_WELCOME']._serialized_end=1802
+  _globals['_RESERVATIONSERVICE']._serialized_start=1805
+  _globals['_RESERVATIONSERVICE']._serialized_end=2285
 # @@protoc_insertion_point(module_scope)

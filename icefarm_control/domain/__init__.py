@@ -1,0 +1,1 @@
+"""Domain: devices, selectors, reservations; no gRPC, no HTTP."""

@@ -1,0 +1,519 @@
+"""The reservation engine: reserve (all or nothing, fair queueing), extend, release, expire."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from icefarm_control.domain.allocation import Demand, plan_allocation
+from icefarm_control.domain.clock import Clock
+from icefarm_control.domain.errors import (
+    InvalidArgument,
+    NotEnoughDevices,
+    NotFound,
+    PermissionDenied,
+    Reason,
+)
+from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
+from icefarm_control.domain.selectors import parse_selector
+from icefarm_control.domain.settings import Limits, Timers
+from icefarm_control.domain.states import (
+    DeviceState,
+    EndReason,
+    ReservationState,
+    state_after_release,
+)
+from icefarm_control.domain.tokens import TokenClaims, TokenSigner
+from icefarm_control.storage import queries as q
+from icefarm_control.storage.database import Database
+from icefarm_control.storage.records import ReservationRow, WaiterRow
+
+log = structlog.get_logger(__name__)
+NEW_REQUEST = "new"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A reservation and the token its holder shows to the devices' workers."""
+
+    reservation: ReservationRow
+    token: str
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    device_ids: list[str]
+    ended_reservation_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Page:
+    reservations: list[ReservationRow]
+    next_page_token: str
+
+
+class ReservationEngine:
+    """Every way a reservation starts, changes and ends. Safe with several replicas on one
+    PostgreSQL: all coordination is in the database; in-process events only speed up wake-ups."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        signer: TokenSigner,
+        clock: Clock,
+        timers: Timers | None = None,
+        limits: Limits | None = None,
+        replica_id: str = "",
+    ) -> None:
+        self.db = database
+        self.signer = signer
+        self.clock = clock
+        self.timers = timers or Timers()
+        self.limits = limits or Limits()
+        self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self._waiters: dict[int, asyncio.Event] = {}
+
+    # ------------------------------------------------------------ reserve
+
+    async def reserve(self, client_id: str, spec: ReserveSpec) -> Grant:
+        """All `spec.needed` devices or none; waits in line up to `spec.wait` when short."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            if spec.request_id:
+                earlier = await q.reservation_by_request(conn, client_id, spec.request_id)
+                if earlier is not None:
+                    return self.grant(earlier)
+            if spec.device_ids:
+                known = await q.existing_device_ids(conn, spec.device_ids)
+                unknown = [d for d in spec.device_ids if d not in known]
+                if unknown:
+                    raise InvalidArgument("device_ids", f"unknown device {unknown[0]!r}")
+            ids = await q.take_free_devices_fast(
+                conn, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
+            )
+            served: list[int] = []
+            if ids is None:
+                demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
+                granted, served = await self._allocate(conn, now, extra=demand)
+                ids = granted
+            if ids is not None:
+                reservation = await self._create(conn, client_id, spec, ids, now)
+            elif spec.wait <= timedelta(0):
+                raise NotEnoughDevices(self._shortage(spec))
+            else:
+                waiter_id = await q.insert_waiter(
+                    conn,
+                    client_id=client_id,
+                    count=spec.count,
+                    device_ids=spec.device_ids,
+                    selector=spec.selector_text,
+                    mode=spec.mode,
+                    mode_args=spec.mode_args,
+                    lease_seconds=spec.lease.total_seconds(),
+                    request_id=spec.request_id,
+                    now=now,
+                    deadline=now + spec.wait,
+                    replica_id=self.replica_id,
+                )
+                self._waiters[waiter_id] = asyncio.Event()
+        self._wake(served)
+        if ids is not None:
+            return self.grant(reservation)
+        return self.grant(await self._wait(waiter_id, spec, now + spec.wait))
+
+    def _shortage(self, spec: ReserveSpec) -> str:
+        if spec.device_ids:
+            return f"not all of {', '.join(spec.device_ids)} are free"
+        where = f" matching {spec.selector_text!r}" if spec.selector_text else ""
+        return f"fewer than {spec.count} free devices{where}"
+
+    async def _create(
+        self,
+        conn: AsyncConnection,
+        client_id: str,
+        spec: ReserveSpec,
+        device_ids: Sequence[str],
+        now: datetime,
+    ) -> ReservationRow:
+        reservation_id = uuid.uuid4().hex
+        await q.insert_reservation(
+            conn,
+            reservation_id=reservation_id,
+            client_id=client_id,
+            mode=spec.mode,
+            mode_args=spec.mode_args,
+            selector=spec.selector_text,
+            device_ids=device_ids,
+            now=now,
+            end_time=now + spec.lease,
+            request_id=spec.request_id,
+        )
+        (row,) = await q.get_reservations(conn, [reservation_id])
+        log.info("reserved", reservation=reservation_id, client=client_id, devices=device_ids)
+        return row
+
+    async def _allocate(
+        self, conn: AsyncConnection, now: datetime, extra: Demand | None = None
+    ) -> tuple[list[str] | None, list[int]]:
+        """The slow path: plan the whole queue (plus `extra` at its tail) over every free device,
+        serve the queued requests that can be served, and return what `extra` gets."""
+        await q.lock_allocation(conn)
+        free = await q.lock_free_devices(conn)
+        queue = [w for w in await q.waiting(conn) if w.deadline > now]
+        if not free or (not queue and extra is None):
+            return None, []
+        demands: list[Demand] = [self._demand(w) for w in queue]
+        if extra is not None:
+            demands.append(extra)
+        plan = plan_allocation(demands, free)
+        served = []
+        for waiter in queue:
+            ids = plan.get(waiter.id)
+            if ids:
+                await self._serve(conn, waiter, ids, now)
+                served.append(waiter.id)
+        return plan.get(NEW_REQUEST), served
+
+    @staticmethod
+    def _demand(waiter: WaiterRow) -> Demand:
+        selector = parse_selector(waiter.selector) if waiter.selector else None
+        key: Hashable = waiter.id
+        return Demand(key, waiter.count, waiter.device_ids, selector)
+
+    async def _serve(
+        self, conn: AsyncConnection, waiter: WaiterRow, device_ids: list[str], now: datetime
+    ) -> None:
+        spec = ReserveSpec(
+            count=waiter.count,
+            device_ids=waiter.device_ids,
+            selector=None,
+            mode=waiter.mode,
+            mode_args=waiter.mode_args,
+            lease=timedelta(seconds=waiter.lease_seconds),
+            wait=timedelta(0),
+            request_id=waiter.request_id,
+            selector_text=waiter.selector,
+        )
+        reservation = await self._create(conn, waiter.client_id, spec, device_ids, now)
+        await q.mark_waiter_served(conn, waiter.id, reservation.id)
+
+    async def serve_waiters(self) -> None:
+        """Give newly free devices to the queue (called when devices become AVAILABLE)."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            served = await self._serve_if_queued(conn, now)
+        self._wake(served)
+
+    async def _serve_if_queued(self, conn: AsyncConnection, now: datetime) -> list[int]:
+        if not await q.has_waiters(conn):
+            return []
+        _, served = await self._allocate(conn, now)
+        return served
+
+    def _wake(self, waiter_ids: Sequence[int]) -> None:
+        for waiter_id in waiter_ids:
+            event = self._waiters.get(waiter_id)
+            if event is not None:
+                event.set()
+
+    async def _wait(self, waiter_id: int, spec: ReserveSpec, deadline: datetime) -> ReservationRow:
+        """Wait for our queue entry to be served; withdraw it on timeout or cancellation."""
+        event = self._waiters[waiter_id]
+        try:
+            while True:
+                async with self.db.read() as conn:
+                    waiter = await q.get_waiter(conn, waiter_id)
+                if waiter is not None and waiter.reservation_id is not None:
+                    return await self._served_reservation(waiter.reservation_id)
+                if waiter is None or waiter.state == q.CANCELLED:
+                    raise NotEnoughDevices(self._shortage(spec), waited=True)
+                remaining = (deadline - self.clock.now()).total_seconds()
+                if remaining <= 0:
+                    break
+                poll = self.timers.waiter_poll_interval.total_seconds()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=min(remaining, poll))
+                event.clear()
+            reservation_id = await self._withdraw(waiter_id)
+            if reservation_id is None:
+                raise NotEnoughDevices(self._shortage(spec), waited=True)
+            return await self._served_reservation(reservation_id)
+        except asyncio.CancelledError:
+            # The caller went away: give back whatever the queue handed it meanwhile.
+            await asyncio.shield(self._abandon(waiter_id))
+            raise
+        finally:
+            self._waiters.pop(waiter_id, None)
+
+    async def _withdraw(self, waiter_id: int) -> str | None:
+        """Leave the queue; the reservation id if we were served in the meantime."""
+        async with self.db.write() as conn:
+            if await q.cancel_waiter(conn, waiter_id):
+                return None
+            waiter = await q.get_waiter(conn, waiter_id)
+        return waiter.reservation_id if waiter else None
+
+    async def _abandon(self, waiter_id: int) -> None:
+        reservation_id = await self._withdraw(waiter_id)
+        if reservation_id is None:
+            return
+        async with self.db.write() as conn:
+            (row,) = await q.get_reservations(conn, [reservation_id], lock=True)
+            await self._let_go(conn, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST)
+            served = await self._serve_if_queued(conn, self.clock.now())
+        self._wake(served)
+
+    async def _served_reservation(self, reservation_id: str) -> ReservationRow:
+        async with self.db.read() as conn:
+            (row,) = await q.get_reservations(conn, [reservation_id])
+        return row
+
+    def grant(self, reservation: ReservationRow) -> Grant:
+        claims = TokenClaims(
+            reservation_id=reservation.id,
+            client_id=reservation.client_id,
+            device_ids=tuple(d.id for d in reservation.devices),
+            expires=reservation.end_time,
+        )
+        return Grant(reservation, self.signer.sign(claims))
+
+    # ------------------------------------------------------------ release and end
+
+    async def release(
+        self,
+        client_id: str,
+        *,
+        device_ids: Sequence[str] = (),
+        reservation_ids: Sequence[str] = (),
+        everything: bool = False,
+    ) -> ReleaseOutcome:
+        """Stop holding devices. Devices and reservations named must be the caller's."""
+        device_ids = check_ids("device_ids", device_ids, self.limits)
+        reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
+        if not (device_ids or reservation_ids or everything):
+            raise InvalidArgument("device_ids", "name devices or reservations, or set all")
+        async with self.db.write() as conn:
+            targets: dict[str, list[str]] = defaultdict(list)
+            if everything:
+                mine = await q.active_reservation_ids(conn, client_id=client_id)
+                for row in await q.get_reservations(conn, mine, lock=True):
+                    targets[row.id].extend(row.held_device_ids)
+            for row in await self._own_reservations(conn, client_id, reservation_ids):
+                targets[row.id].extend(row.held_device_ids)
+            for device_id in device_ids:
+                device = await q.get_device(conn, device_id)
+                if device is None:
+                    raise InvalidArgument("device_ids", f"unknown device {device_id!r}")
+                if device.reservation_id is None:
+                    continue  # already free: releasing twice is not an error
+                if device.holder != client_id:
+                    raise PermissionDenied(f"device {device_id} is held by another client")
+                targets[device.reservation_id].append(device_id)
+            outcome = await self._let_go(conn, targets, EndReason.RELEASED)
+            served = await self._serve_if_queued(conn, self.clock.now())
+        self._wake(served)
+        return outcome
+
+    async def _own_reservations(
+        self, conn: AsyncConnection, client_id: str, reservation_ids: Sequence[str]
+    ) -> list[ReservationRow]:
+        if not reservation_ids:
+            return []
+        rows = {r.id: r for r in await q.get_reservations(conn, reservation_ids, lock=True)}
+        for reservation_id in reservation_ids:
+            row = rows.get(reservation_id)
+            if row is None:
+                raise NotFound(
+                    f"no reservation {reservation_id}", reason=Reason.RESERVATION_NOT_FOUND
+                )
+            if row.client_id != client_id:
+                raise PermissionDenied(f"reservation {reservation_id} belongs to another client")
+        return [rows[r] for r in reservation_ids if rows[r].state == ReservationState.ACTIVE]
+
+    async def _let_go(
+        self, conn: AsyncConnection, targets: dict[str, list[str]], reason: EndReason
+    ) -> ReleaseOutcome:
+        """Release the given devices of each reservation; end the ones left holding nothing."""
+        now = self.clock.now()
+        released: list[str] = []
+        ended: list[str] = []
+        rows = await q.get_reservations(conn, sorted(targets), lock=True)
+        for row in rows:
+            if row.state != ReservationState.ACTIVE:
+                continue
+            held = {d.id: d for d in row.devices if d.released_reason is None}
+            letting_go = [d for d in dict.fromkeys(targets[row.id]) if d in held]
+            if not letting_go:
+                continue
+            await q.mark_devices_released(conn, row.id, letting_go, reason.value, now)
+            moves: dict[DeviceState, list[str]] = defaultdict(list)
+            for device_id in letting_go:
+                device = held[device_id]
+                current = DeviceState(device.state)
+                target = state_after_release(current, reset_on_release=device.reset_on_release)
+                moves[target].append(device_id)
+            await q.free_devices(conn, moves, now)
+            released.extend(letting_go)
+            if len(letting_go) == len(held):
+                await q.end_reservation(conn, row.id, reason.value, now)
+                ended.append(row.id)
+                log.info("reservation ended", reservation=row.id, reason=reason.value)
+        return ReleaseOutcome(released, ended)
+
+    async def end_reservations(
+        self,
+        *,
+        device_ids: Sequence[str] = (),
+        reservation_ids: Sequence[str] = (),
+        client_id: str = "",
+        reason: EndReason = EndReason.REVOKED,
+    ) -> ReleaseOutcome:
+        """Operator: end reservations by device, by id or by client, whoever holds them."""
+        device_ids = check_ids("device_ids", device_ids, self.limits)
+        reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
+        if not (device_ids or reservation_ids or client_id):
+            raise InvalidArgument("device_ids", "name devices, reservations or a client")
+        async with self.db.write() as conn:
+            targets: dict[str, list[str]] = defaultdict(list)
+            found = await q.get_reservations(conn, reservation_ids, lock=True)
+            missing = set(reservation_ids) - {r.id for r in found}
+            if missing:
+                raise NotFound(
+                    f"no reservation {sorted(missing)[0]}", reason=Reason.RESERVATION_NOT_FOUND
+                )
+            for row in found:
+                targets[row.id].extend(row.held_device_ids)
+            if client_id:
+                ids = await q.active_reservation_ids(conn, client_id=client_id)
+                for row in await q.get_reservations(conn, ids, lock=True):
+                    targets[row.id].extend(row.held_device_ids)
+            if device_ids:
+                unknown = set(device_ids) - await q.existing_device_ids(conn, device_ids)
+                if unknown:
+                    raise InvalidArgument("device_ids", f"unknown device {sorted(unknown)[0]!r}")
+                for device_id in device_ids:
+                    device = await q.get_device(conn, device_id)
+                    if device is not None and device.reservation_id is not None:
+                        targets[device.reservation_id].append(device_id)
+            outcome = await self._let_go(conn, targets, reason)
+            served = await self._serve_if_queued(conn, self.clock.now())
+        self._wake(served)
+        return outcome
+
+    async def expire_due(self, batch: int = 100) -> list[str]:
+        """End every reservation whose lease has run out (any replica may run this)."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            due = await q.due_reservation_ids(conn, now, batch)
+            if not due:
+                return []
+            rows = await q.get_reservations(conn, due, lock=True)
+            outcome = await self._let_go(
+                conn, {r.id: r.held_device_ids for r in rows}, EndReason.EXPIRED
+            )
+            # A reservation holding only devices lost earlier ends here too.
+            for row in rows:
+                if row.id not in outcome.ended_reservation_ids and not row.held_device_ids:
+                    await q.end_reservation(conn, row.id, EndReason.EXPIRED.value, now)
+            served = await self._serve_if_queued(conn, now)
+        self._wake(served)
+        return due
+
+    async def seconds_until_next_expiry(self) -> float | None:
+        async with self.db.read() as conn:
+            end = await q.next_end_time(conn)
+        return None if end is None else (end - self.clock.now()).total_seconds()
+
+    async def tidy_waiters(self) -> None:
+        """Withdraw queue entries whose caller vanished (past their deadline) and prune old ones."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            await q.cancel_expired_waiters(conn, now - timedelta(seconds=5))
+            await q.prune_finished_waiters(conn, now - timedelta(hours=1))
+
+    # ------------------------------------------------------------ extend and list
+
+    async def extend(
+        self,
+        client_id: str | None,
+        *,
+        reservation_ids: Sequence[str] = (),
+        device_ids: Sequence[str] = (),
+        everything: bool = False,
+        owner_filter: str = "",
+        lease: timedelta | None = None,
+    ) -> list[Grant]:
+        """Move lease ends to now + `lease` (never earlier). `client_id` None = operator."""
+        lease = check_lease("duration", lease, self.timers.default_lease, self.limits)
+        reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
+        device_ids = check_ids("device_ids", device_ids, self.limits)
+        if not (reservation_ids or device_ids or everything or owner_filter):
+            raise InvalidArgument("reservation_ids", "name reservations, or set all")
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            if client_id is not None:
+                await self._own_reservations(conn, client_id, reservation_ids)
+            else:
+                found = await q.get_reservations(conn, reservation_ids)
+                if len(found) != len(reservation_ids):
+                    raise NotFound("no such reservation", reason=Reason.RESERVATION_NOT_FOUND)
+            ids: set[str] = set(reservation_ids)
+            if everything or owner_filter:
+                ids.update(await q.active_reservation_ids(conn, client_id=client_id or owner_filter))
+            if device_ids:
+                ids.update(await q.active_reservation_ids(conn, device_ids=device_ids))
+            rows = await q.get_reservations(conn, sorted(ids), lock=True)
+            if client_id is not None and any(r.client_id != client_id for r in rows):
+                raise PermissionDenied("a device named is held by another client")
+            active = [r.id for r in rows if r.state == ReservationState.ACTIVE]
+            await q.set_end_time(conn, active, now + lease)
+            updated = await q.get_reservations(conn, active)
+        return [self.grant(r) for r in updated]
+
+    async def list_reservations(
+        self, client_id: str | None, *, include_ended: bool, page_size: int, page_token: str
+    ) -> Page:
+        size = self._page_size(page_size)
+        before = _decode_page_token(page_token)
+        async with self.db.read() as conn:
+            rows = await q.list_reservations(
+                conn, client_id=client_id, include_ended=include_ended, limit=size + 1,
+                before=before,
+            )
+        token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
+        return Page(rows[:size], token)
+
+    def _page_size(self, page_size: int) -> int:
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        return min(page_size or self.limits.default_page_size, self.limits.max_page_size)
+
+    async def availability(self, selector_text: str) -> list[str]:
+        selector = parse_selector(selector_text)
+        async with self.db.read() as conn:
+            return await q.count_free_devices(conn, None if selector.is_empty else selector)
+
+
+def _encode_page_token(row: ReservationRow) -> str:
+    raw = f"{row.create_time.isoformat()}|{row.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_page_token(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    try:
+        time_text, rid = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(time_text), rid
+    except ValueError as exc:
+        raise InvalidArgument("page_token", "not a token this server issued") from exc

@@ -1,0 +1,41 @@
+"""The default timers and request limits: the one place they are defined."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class Timers:
+    """ARCHITECTURE §7. Every value can be overridden by configuration."""
+
+    default_lease: timedelta = timedelta(minutes=60)
+    ending_soon_before: timedelta = timedelta(minutes=10)
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    offline_timeout: timedelta = timedelta(seconds=30)
+    worker_grace: timedelta = timedelta(minutes=5)
+    client_grace: timedelta = timedelta(minutes=10)
+    # How often the lease timer scans at most (leases end within this of their end time).
+    lease_scan_interval: timedelta = timedelta(seconds=0.5)
+    # A waiting Reserve re-reads its queue entry this often even without a wake-up.
+    waiter_poll_interval: timedelta = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for; past them the request is INVALID_ARGUMENT."""
+
+    max_count: int = 1024
+    max_device_ids: int = 1024
+    min_lease: timedelta = timedelta(seconds=1)
+    max_lease: timedelta = timedelta(days=7)
+    max_wait: timedelta = timedelta(days=1)
+    max_mode_length: int = 64
+    max_mode_args: int = 32
+    max_mode_arg_key_length: int = 64
+    max_mode_arg_value_length: int = 1024
+    max_request_id_length: int = 128
+    max_id_length: int = 128
+    max_page_size: int = 1000
+    default_page_size: int = 100

@@ -1,0 +1,1 @@
+"""Storage: the schema, migrations and the transactions that change state."""

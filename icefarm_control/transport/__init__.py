@@ -1,0 +1,1 @@
+"""Transport: the gRPC servicers, thin over the domain."""
