@@ -135,7 +135,7 @@ class ReservationEngine:
         if spec.device_ids:
             return f"not all of {', '.join(spec.device_ids)} are free"
         where = f" matching {spec.selector_text!r}" if spec.selector_text else ""
-        return f"fewer than {spec.count} free devices{where}"
+        return f"{spec.count} device(s) wanted but fewer are free{where}"
 
     async def _create(
         self,

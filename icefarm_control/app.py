@@ -1,0 +1,120 @@
+"""The control process: wires storage, domain, timers and transport together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health
+
+from icefarm_control.config import ControlConfig
+from icefarm_control.domain.clock import SystemClock
+from icefarm_control.domain.inventory import Inventory
+from icefarm_control.domain.reservations import ReservationEngine
+from icefarm_control.domain.settings import Limits
+from icefarm_control.domain.tokens import TokenSigner
+from icefarm_control.storage.database import Database
+from icefarm_control.storage.migrate import upgrade
+from icefarm_control.transport.control import ControlServicer
+from icefarm_control.transport.reservations import ReservationServicer
+from icefarm_control.transport.server import build_server, mark_serving
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ControlApp:
+    """One control replica. `start()` serves; `stop()` shuts down gracefully."""
+
+    config: ControlConfig
+    port: int = 0
+    database: Database = field(init=False)
+    engine: ReservationEngine = field(init=False)
+    _server: grpc.aio.Server | None = field(init=False, default=None)
+    _health: health.aio.HealthServicer | None = field(init=False, default=None)
+    _timers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
+    _stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    async def start(self) -> int:
+        self.database = Database(self.config.database, pool_size=self.config.db_pool_size)
+        await upgrade(self.database)
+        key = self.config.token_key.encode() if self.config.token_key else None
+        if key is None:
+            key = secrets.token_bytes(32)
+            log.info("using a random token key (set ICEFARM_TOKEN_KEY when running replicas)")
+        clock = SystemClock()
+        self.engine = ReservationEngine(
+            self.database,
+            signer=TokenSigner(key),
+            clock=clock,
+            timers=self.config.timers,
+            limits=Limits(),
+        )
+        inventory = Inventory(self.database, self.engine, clock, self.engine.limits)
+        self._server, self._health, self.port = build_server(
+            ReservationServicer(self.engine),
+            ControlServicer(self.engine, inventory),
+            self.config.listen,
+        )
+        await self._server.start()
+        await mark_serving(self._health)
+        self._timers = [
+            asyncio.create_task(
+                self._every(
+                    self.engine.timers.lease_scan_interval.total_seconds(),
+                    self._end_expired_leases,
+                )
+            ),
+            asyncio.create_task(self._every(5.0, self.engine.tidy_waiters)),
+        ]
+        log.info(
+            "control serving",
+            listen=self.config.listen,
+            port=self.port,
+            database=self.database.dialect,
+            replica=self.engine.replica_id,
+        )
+        return self.port
+
+    async def _end_expired_leases(self) -> None:
+        while await self.engine.expire_due():
+            pass
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Run `job` every `seconds` until stopping; a failure is logged, never fatal."""
+        while not self._stopping.is_set():
+            try:
+                await job()
+            except Exception:
+                log.exception("timer job failed", job=getattr(job, "__name__", str(job)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, no new calls, in-flight calls get the grace, then close."""
+        self._stopping.set()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace.total_seconds())
+        for task in self._timers:
+            task.cancel()
+        await asyncio.gather(*self._timers, return_exceptions=True)
+        await self.database.dispose()
+        log.info("control stopped")
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down", grace=self.config.shutdown_grace.total_seconds())
+        await self.stop()

@@ -1,0 +1,195 @@
+"""Control configuration: command-line flags, then ICEFARM_* environment variables, then an
+optional TOML file (--config or ICEFARM_CONFIG), then the defaults below."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from icefarm_control.domain.settings import Timers
+from icefarm_control.storage.database import default_database_url
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90', '90s', '1500ms', '5m', '2h', '1d' → timedelta."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 2h)")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _listen(text: str) -> str:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return str(text)
+
+
+def _log_format(text: str) -> str:
+    if text not in ("console", "json"):
+        raise ValueError("must be 'console' or 'json'")
+    return text
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return text.lower()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "ICEFARM_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_T = Timers()
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", _listen, "gRPC address to serve on"),
+    Setting(
+        "database",
+        str,
+        "database URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB "
+        "(default: control.db in the user's data directory)",
+    ),
+    Setting("log_format", _log_format, "console or json"),
+    Setting("log_level", _log_level, "debug, info, warning or error"),
+    Setting("default_lease", parse_duration, "lease when Reserve names none"),
+    Setting(
+        "ending_soon_before",
+        parse_duration,
+        "how long before a lease ends holders are warned",
+    ),
+    Setting(
+        "heartbeat_interval", parse_duration, "worker heartbeat period"
+    ),
+    Setting(
+        "offline_timeout",
+        parse_duration,
+        "silence after which a worker is offline",
+    ),
+    Setting(
+        "worker_grace",
+        parse_duration,
+        "how long an offline worker's reservations survive",
+    ),
+    Setting(
+        "client_grace",
+        parse_duration,
+        "how long a client's reservations survive without a Session (0 disables)",
+    ),
+    Setting(
+        "shutdown_grace",
+        parse_duration,
+        "on SIGTERM, how long in-flight calls may finish",
+    ),
+    Setting(
+        "token_key",
+        str,
+        "secret (16+ characters) that signs worker tokens; replicas must share it "
+        "(default: a random key per process)",
+    ),
+    Setting("db_pool_size", _positive_int, "PostgreSQL connections per replica"),
+)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    listen: str = "127.0.0.1:50051"
+    database: str = field(default_factory=default_database_url)
+    log_format: str = "console"
+    log_level: str = "info"
+    default_lease: timedelta = _T.default_lease
+    ending_soon_before: timedelta = _T.ending_soon_before
+    heartbeat_interval: timedelta = _T.heartbeat_interval
+    offline_timeout: timedelta = _T.offline_timeout
+    worker_grace: timedelta = _T.worker_grace
+    client_grace: timedelta = _T.client_grace
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    token_key: str = ""
+    db_pool_size: int = 10
+
+    @property
+    def timers(self) -> Timers:
+        return Timers(
+            default_lease=self.default_lease,
+            ending_soon_before=self.ending_soon_before,
+            heartbeat_interval=self.heartbeat_interval,
+            offline_timeout=self.offline_timeout,
+            worker_grace=self.worker_grace,
+            client_grace=self.client_grace,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with any of the settings below (ICEFARM_CONFIG)"
+    )
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.name.split("_")[-1].upper(),
+            help=f"{setting.help} [{setting.env}]",
+        )
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ControlConfig:
+    """Each setting from the first place that has it: flag, environment, TOML file, default."""
+    environ = os.environ if environ is None else environ
+    file_values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None) or environ.get("ICEFARM_CONFIG")
+    if config_path:
+        try:
+            file_values = tomllib.loads(Path(config_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_path}: {exc}") from exc
+        known = {s.name for s in SETTINGS}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for source, raw in (
+            (setting.flag, getattr(args, setting.name, None)),
+            (setting.env, environ.get(setting.env)),
+            (f"{config_path}: {setting.name}", file_values.get(setting.name)),
+        ):
+            if raw is None:
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+            break
+    return ControlConfig(**values)
