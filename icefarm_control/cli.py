@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from sqlalchemy.exc import DBAPIError
+
 from icefarm_control.app import ControlApp
 from icefarm_control.config import ConfigError, add_arguments, resolve
 from icefarm_control.logs import configure_logging
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(ControlApp(config).run_until_signalled())
     except (BindError, ValueError, OSError) as exc:
         print(f"icefarm-control: {exc}", file=sys.stderr)
+        return 1
+    except DBAPIError as exc:
+        # The driver's message spans several lines; the first says what went wrong.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"icefarm-control: cannot use the database: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

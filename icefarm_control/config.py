@@ -58,6 +58,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _token_key(text: str) -> str:
+    # Empty means "a random key per process"; anything else must be long enough to sign with.
+    if text and len(text.encode()) < 16:
+        raise ValueError("must be at least 16 characters")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -90,9 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse_duration,
         "how long before a lease ends holders are warned",
     ),
-    Setting(
-        "heartbeat_interval", parse_duration, "worker heartbeat period"
-    ),
+    Setting("heartbeat_interval", parse_duration, "worker heartbeat period"),
     Setting(
         "offline_timeout",
         parse_duration,
@@ -115,7 +120,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "token_key",
-        str,
+        _token_key,
         "secret (16+ characters) that signs worker tokens; replicas must share it "
         "(default: a random key per process)",
     ),

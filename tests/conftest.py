@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 
+from icefarm_control.logs import configure_logging
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
 
@@ -70,3 +71,6 @@ async def database(database_url: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.dispose()
+
+
+configure_logging("console", "warning")

@@ -56,7 +56,9 @@ def check_ids(name: str, ids: Sequence[str], limits: Limits) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def check_lease(name: str, lease: timedelta | None, default: timedelta, limits: Limits) -> timedelta:
+def check_lease(
+    name: str, lease: timedelta | None, default: timedelta, limits: Limits
+) -> timedelta:
     if lease is None:
         return default
     if lease < limits.min_lease:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain.allocation import Demand, plan_allocation
@@ -33,9 +34,15 @@ from icefarm_control.domain.states import (
     state_after_release,
 )
 from icefarm_control.domain.tokens import TokenClaims, TokenSigner
+from icefarm_control.storage import fast_paths
 from icefarm_control.storage import queries as q
 from icefarm_control.storage.database import Database
-from icefarm_control.storage.records import ReservationRow, WaiterRow
+from icefarm_control.storage.records import (
+    DeviceRow,
+    ReservationRow,
+    ReservedDeviceRow,
+    WaiterRow,
+)
 
 log = structlog.get_logger(__name__)
 NEW_REQUEST = "new"
@@ -87,7 +94,13 @@ class ReservationEngine:
 
     async def reserve(self, client_id: str, spec: ReserveSpec) -> Grant:
         """All `spec.needed` devices or none; waits in line up to `spec.wait` when short."""
+        if self.db.is_postgresql:
+            quick = await self._reserve_in_one_statement(client_id, spec)
+            if quick is not None:
+                return self.grant(quick)
         now = self.clock.now()
+        reservation: ReservationRow | None = None
+        served: list[int] = []
         async with self.db.write() as conn:
             if spec.request_id:
                 earlier = await q.reservation_by_request(conn, client_id, spec.request_id)
@@ -98,16 +111,14 @@ class ReservationEngine:
                 unknown = [d for d in spec.device_ids if d not in known]
                 if unknown:
                     raise InvalidArgument("device_ids", f"unknown device {unknown[0]!r}")
-            ids = await q.take_free_devices_fast(
+            taken = await q.take_free_devices_fast(
                 conn, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
             )
-            served: list[int] = []
-            if ids is None:
+            if taken is None:
                 demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
-                granted, served = await self._allocate(conn, now, extra=demand)
-                ids = granted
-            if ids is not None:
-                reservation = await self._create(conn, client_id, spec, ids, now)
+                taken, served = await self._allocate(conn, now, extra=demand)
+            if taken is not None:
+                reservation = await self._create(conn, client_id, spec, taken, now)
             elif spec.wait <= timedelta(0):
                 raise NotEnoughDevices(self._shortage(spec))
             else:
@@ -127,9 +138,36 @@ class ReservationEngine:
                 )
                 self._waiters[waiter_id] = asyncio.Event()
         self._wake(served)
-        if ids is not None:
+        if reservation is not None:
             return self.grant(reservation)
         return self.grant(await self._wait(waiter_id, spec, now + spec.wait))
+
+    async def _reserve_in_one_statement(
+        self, client_id: str, spec: ReserveSpec
+    ) -> ReservationRow | None:
+        """PostgreSQL's one-round-trip reserve; None sends the caller down the general path."""
+        now = self.clock.now()
+        reservation_id = uuid.uuid4().hex
+        try:
+            async with self.db.autocommit() as conn:
+                taken = await fast_paths.reserve_in_one_statement(
+                    conn,
+                    reservation_id=reservation_id,
+                    client_id=client_id,
+                    mode=spec.mode,
+                    mode_args=spec.mode_args,
+                    selector_text=spec.selector_text,
+                    count=spec.count,
+                    device_ids=spec.device_ids,
+                    now=now,
+                    end_time=now + spec.lease,
+                    request_id=spec.request_id,
+                )
+        except IntegrityError:
+            return None  # a retried request_id: the general path returns the first answer
+        if taken is None:
+            return None
+        return self._new_row(reservation_id, client_id, spec, taken, now)
 
     def _shortage(self, spec: ReserveSpec) -> str:
         if spec.device_ids:
@@ -137,34 +175,56 @@ class ReservationEngine:
         where = f" matching {spec.selector_text!r}" if spec.selector_text else ""
         return f"{spec.count} device(s) wanted but fewer are free{where}"
 
+    @staticmethod
+    def _new_row(
+        reservation_id: str,
+        client_id: str,
+        spec: ReserveSpec,
+        taken: Sequence[ReservedDeviceRow],
+        now: datetime,
+    ) -> ReservationRow:
+        return ReservationRow(
+            id=reservation_id,
+            client_id=client_id,
+            mode=spec.mode,
+            mode_args=spec.mode_args,
+            selector=spec.selector_text,
+            create_time=now,
+            end_time=now + spec.lease,
+            state=ReservationState.ACTIVE.value,
+            end_reason=None,
+            ended_time=None,
+            request_id=spec.request_id,
+            devices=tuple(sorted(taken, key=lambda d: d.id)),
+        )
+
     async def _create(
         self,
         conn: AsyncConnection,
         client_id: str,
         spec: ReserveSpec,
-        device_ids: Sequence[str],
+        taken: Sequence[ReservedDeviceRow],
         now: datetime,
     ) -> ReservationRow:
-        reservation_id = uuid.uuid4().hex
+        row = self._new_row(uuid.uuid4().hex, client_id, spec, taken, now)
         await q.insert_reservation(
             conn,
-            reservation_id=reservation_id,
+            reservation_id=row.id,
             client_id=client_id,
             mode=spec.mode,
             mode_args=spec.mode_args,
             selector=spec.selector_text,
-            device_ids=device_ids,
+            device_ids=[d.id for d in taken],
             now=now,
-            end_time=now + spec.lease,
+            end_time=row.end_time,
             request_id=spec.request_id,
         )
-        (row,) = await q.get_reservations(conn, [reservation_id])
-        log.info("reserved", reservation=reservation_id, client=client_id, devices=device_ids)
+        log.debug("reserved", reservation=row.id, client=client_id, devices=[d.id for d in taken])
         return row
 
     async def _allocate(
         self, conn: AsyncConnection, now: datetime, extra: Demand | None = None
-    ) -> tuple[list[str] | None, list[int]]:
+    ) -> tuple[list[ReservedDeviceRow] | None, list[int]]:
         """The slow path: plan the whole queue (plus `extra` at its tail) over every free device,
         serve the queued requests that can be served, and return what `extra` gets."""
         await q.lock_allocation(conn)
@@ -176,13 +236,15 @@ class ReservationEngine:
         if extra is not None:
             demands.append(extra)
         plan = plan_allocation(demands, free)
+        by_id = {d.id: d for d in free}
         served = []
         for waiter in queue:
             ids = plan.get(waiter.id)
             if ids:
-                await self._serve(conn, waiter, ids, now)
+                await self._serve(conn, waiter, [_as_reserved(by_id[i]) for i in ids], now)
                 served.append(waiter.id)
-        return plan.get(NEW_REQUEST), served
+        mine = plan.get(NEW_REQUEST)
+        return (None if mine is None else [_as_reserved(by_id[i]) for i in mine]), served
 
     @staticmethod
     def _demand(waiter: WaiterRow) -> Demand:
@@ -191,7 +253,11 @@ class ReservationEngine:
         return Demand(key, waiter.count, waiter.device_ids, selector)
 
     async def _serve(
-        self, conn: AsyncConnection, waiter: WaiterRow, device_ids: list[str], now: datetime
+        self,
+        conn: AsyncConnection,
+        waiter: WaiterRow,
+        taken: list[ReservedDeviceRow],
+        now: datetime,
     ) -> None:
         spec = ReserveSpec(
             count=waiter.count,
@@ -204,7 +270,7 @@ class ReservationEngine:
             request_id=waiter.request_id,
             selector_text=waiter.selector,
         )
-        reservation = await self._create(conn, waiter.client_id, spec, device_ids, now)
+        reservation = await self._create(conn, waiter.client_id, spec, taken, now)
         await q.mark_waiter_served(conn, waiter.id, reservation.id)
 
     async def serve_waiters(self) -> None:
@@ -269,7 +335,9 @@ class ReservationEngine:
             return
         async with self.db.write() as conn:
             (row,) = await q.get_reservations(conn, [reservation_id], lock=True)
-            await self._let_go(conn, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST)
+            await self._let_go(
+                conn, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST, {row.id: row}
+            )
             served = await self._serve_if_queued(conn, self.clock.now())
         self._wake(served)
 
@@ -302,13 +370,20 @@ class ReservationEngine:
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         if not (device_ids or reservation_ids or everything):
             raise InvalidArgument("device_ids", "name devices or reservations, or set all")
+        if self.db.is_postgresql and reservation_ids and not (device_ids or everything):
+            quick = await self._release_in_one_statement(client_id, reservation_ids)
+            if quick is not None:
+                return quick
         async with self.db.write() as conn:
+            rows: dict[str, ReservationRow] = {}
             targets: dict[str, list[str]] = defaultdict(list)
             if everything:
                 mine = await q.active_reservation_ids(conn, client_id=client_id)
-                for row in await q.get_reservations(conn, mine, lock=True):
-                    targets[row.id].extend(row.held_device_ids)
-            for row in await self._own_reservations(conn, client_id, reservation_ids):
+                rows.update((r.id, r) for r in await q.get_reservations(conn, mine, lock=True))
+            rows.update(
+                (r.id, r) for r in await self._own_reservations(conn, client_id, reservation_ids)
+            )
+            for row in rows.values():
                 targets[row.id].extend(row.held_device_ids)
             for device_id in device_ids:
                 device = await q.get_device(conn, device_id)
@@ -319,10 +394,29 @@ class ReservationEngine:
                 if device.holder != client_id:
                     raise PermissionDenied(f"device {device_id} is held by another client")
                 targets[device.reservation_id].append(device_id)
-            outcome = await self._let_go(conn, targets, EndReason.RELEASED)
+            outcome = await self._let_go(conn, targets, EndReason.RELEASED, rows)
             served = await self._serve_if_queued(conn, self.clock.now())
         self._wake(served)
         return outcome
+
+    async def _release_in_one_statement(
+        self, client_id: str, reservation_ids: Sequence[str]
+    ) -> ReleaseOutcome | None:
+        """PostgreSQL's one-round-trip release of whole reservations; None = general path."""
+        async with self.db.autocommit() as conn:
+            released = await fast_paths.release_in_one_statement(
+                conn,
+                client_id=client_id,
+                reservation_ids=reservation_ids,
+                reason=EndReason.RELEASED.value,
+                now=self.clock.now(),
+            )
+        if released is None:
+            return None
+        device_ids, queued = released
+        if queued:
+            await self.serve_waiters()
+        return ReleaseOutcome(sorted(device_ids), list(reservation_ids))
 
     async def _own_reservations(
         self, conn: AsyncConnection, client_id: str, reservation_ids: Sequence[str]
@@ -341,14 +435,21 @@ class ReservationEngine:
         return [rows[r] for r in reservation_ids if rows[r].state == ReservationState.ACTIVE]
 
     async def _let_go(
-        self, conn: AsyncConnection, targets: dict[str, list[str]], reason: EndReason
+        self,
+        conn: AsyncConnection,
+        targets: dict[str, list[str]],
+        reason: EndReason,
+        loaded: dict[str, ReservationRow] | None = None,
     ) -> ReleaseOutcome:
-        """Release the given devices of each reservation; end the ones left holding nothing."""
+        """Release the given devices of each reservation; end the ones left holding nothing.
+        `loaded` are rows this transaction already read and locked."""
         now = self.clock.now()
         released: list[str] = []
         ended: list[str] = []
-        rows = await q.get_reservations(conn, sorted(targets), lock=True)
-        for row in rows:
+        rows = dict(loaded or {})
+        missing = sorted(set(targets) - set(rows))
+        rows.update((r.id, r) for r in await q.get_reservations(conn, missing, lock=True))
+        for row in (rows[r] for r in sorted(targets) if r in rows):
             if row.state != ReservationState.ACTIVE:
                 continue
             held = {d.id: d for d in row.devices if d.released_reason is None}
@@ -367,7 +468,7 @@ class ReservationEngine:
             if len(letting_go) == len(held):
                 await q.end_reservation(conn, row.id, reason.value, now)
                 ended.append(row.id)
-                log.info("reservation ended", reservation=row.id, reason=reason.value)
+                log.debug("reservation ended", reservation=row.id, reason=reason.value)
         return ReleaseOutcome(released, ended)
 
     async def end_reservations(
@@ -391,12 +492,12 @@ class ReservationEngine:
                 raise NotFound(
                     f"no reservation {sorted(missing)[0]}", reason=Reason.RESERVATION_NOT_FOUND
                 )
-            for row in found:
-                targets[row.id].extend(row.held_device_ids)
+            rows = {r.id: r for r in found}
             if client_id:
                 ids = await q.active_reservation_ids(conn, client_id=client_id)
-                for row in await q.get_reservations(conn, ids, lock=True):
-                    targets[row.id].extend(row.held_device_ids)
+                rows.update((r.id, r) for r in await q.get_reservations(conn, ids, lock=True))
+            for row in rows.values():
+                targets[row.id].extend(row.held_device_ids)
             if device_ids:
                 unknown = set(device_ids) - await q.existing_device_ids(conn, device_ids)
                 if unknown:
@@ -405,7 +506,7 @@ class ReservationEngine:
                     device = await q.get_device(conn, device_id)
                     if device is not None and device.reservation_id is not None:
                         targets[device.reservation_id].append(device_id)
-            outcome = await self._let_go(conn, targets, reason)
+            outcome = await self._let_go(conn, targets, reason, rows)
             served = await self._serve_if_queued(conn, self.clock.now())
         self._wake(served)
         return outcome
@@ -419,7 +520,10 @@ class ReservationEngine:
                 return []
             rows = await q.get_reservations(conn, due, lock=True)
             outcome = await self._let_go(
-                conn, {r.id: r.held_device_ids for r in rows}, EndReason.EXPIRED
+                conn,
+                {r.id: r.held_device_ids for r in rows},
+                EndReason.EXPIRED,
+                {r.id: r for r in rows},
             )
             # A reservation holding only devices lost earlier ends here too.
             for row in rows:
@@ -469,7 +573,9 @@ class ReservationEngine:
                     raise NotFound("no such reservation", reason=Reason.RESERVATION_NOT_FOUND)
             ids: set[str] = set(reservation_ids)
             if everything or owner_filter:
-                ids.update(await q.active_reservation_ids(conn, client_id=client_id or owner_filter))
+                ids.update(
+                    await q.active_reservation_ids(conn, client_id=client_id or owner_filter)
+                )
             if device_ids:
                 ids.update(await q.active_reservation_ids(conn, device_ids=device_ids))
             rows = await q.get_reservations(conn, sorted(ids), lock=True)
@@ -487,7 +593,10 @@ class ReservationEngine:
         before = _decode_page_token(page_token)
         async with self.db.read() as conn:
             rows = await q.list_reservations(
-                conn, client_id=client_id, include_ended=include_ended, limit=size + 1,
+                conn,
+                client_id=client_id,
+                include_ended=include_ended,
+                limit=size + 1,
                 before=before,
             )
         token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
@@ -502,6 +611,18 @@ class ReservationEngine:
         selector = parse_selector(selector_text)
         async with self.db.read() as conn:
             return await q.count_free_devices(conn, None if selector.is_empty else selector)
+
+
+def _as_reserved(device: DeviceRow) -> ReservedDeviceRow:
+    return ReservedDeviceRow(
+        id=device.id,
+        worker=device.worker,
+        worker_endpoint=device.worker_endpoint,
+        state=DeviceState.RESERVED.value,
+        kind=device.kind,
+        released_reason=None,
+        reset_on_release=device.reset_on_release,
+    )
 
 
 def _encode_page_token(row: ReservationRow) -> str:

@@ -65,13 +65,17 @@ class TokenSigner:
             raise TokenInvalid("malformed reservation token") from exc
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
             raise TokenInvalid("reservation token signature does not match")
-        data = json.loads(body)
-        claims = TokenClaims(
-            reservation_id=data["rid"],
-            client_id=data["cid"],
-            device_ids=tuple(data["dev"]),
-            expires=datetime.fromtimestamp(data["exp"], UTC),
-        )
+        try:
+            data = json.loads(body)
+            claims = TokenClaims(
+                reservation_id=data["rid"],
+                client_id=data["cid"],
+                device_ids=tuple(data["dev"]),
+                expires=datetime.fromtimestamp(data["exp"], UTC),
+            )
+        except (ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
+            # Signed with our key but not claims we wrote (another format or version).
+            raise TokenInvalid("malformed reservation token") from exc
         if claims.expires <= now:
             raise TokenInvalid("reservation token has expired")
         return claims

@@ -243,7 +243,7 @@ async def take_free_devices_fast(
     selector: Selector | None,
     count: int,
     device_ids: Sequence[str],
-) -> list[str] | None:
+) -> list[ReservedDeviceRow] | None:
     """The fast path: lock `count` free matching devices (or exactly `device_ids`), least
     recently used first, skipping rows other transactions hold right now.
 
@@ -252,7 +252,13 @@ async def take_free_devices_fast(
     when the devices are really gone (never because a competing transaction held them briefly).
     """
     query = (
-        select(devices.c.id)
+        select(
+            devices.c.id,
+            devices.c.worker_name,
+            devices.c.kind,
+            devices.c.reset_on_release,
+            workers.c.endpoint,
+        )
         .join(workers, workers.c.name == devices.c.worker_name)
         .where(_free_condition())
         .where(~exists().where(waiters.c.state == WAITING))
@@ -265,8 +271,19 @@ async def take_free_devices_fast(
         if selector is not None and not selector.is_empty:
             query = query.where(selector_clause(selector))
         query = query.limit(count)
-    ids = [r.id for r in await conn.execute(query)]
-    return ids if len(ids) == (len(device_ids) or count) else None
+    rows = [
+        ReservedDeviceRow(
+            id=r.id,
+            worker=r.worker_name,
+            worker_endpoint=r.endpoint,
+            state=DeviceState.RESERVED.value,
+            kind=r.kind,
+            released_reason=None,
+            reset_on_release=r.reset_on_release,
+        )
+        for r in await conn.execute(query)
+    ]
+    return rows if len(rows) == (len(device_ids) or count) else None
 
 
 async def lock_free_devices(conn: AsyncConnection) -> list[DeviceRow]:

@@ -59,7 +59,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         )
 
     @translate_errors
-    async def GetDevice(self, request: pb.GetDeviceRequest, context: Context) -> pb.GetDeviceResponse:
+    async def GetDevice(
+        self, request: pb.GetDeviceRequest, context: Context
+    ) -> pb.GetDeviceResponse:
         caller_identity(context, required=False)
         return pb.GetDeviceResponse(
             device=convert.device(await self.inventory.get_device(request.device_id))

@@ -57,16 +57,17 @@ def to_status(
             field=field, description=description or message
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=details
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(status)
 
 
 def domain_status(error: e.IcefarmDomainError) -> grpc.Status:
     if isinstance(error, e.InvalidArgument):
         return to_status(
-            status_code_for(error), error.message, error.reason.value, error.field,
+            status_code_for(error),
+            error.message,
+            error.reason.value,
+            error.field,
             error.description,
         )
     return to_status(status_code_for(error), error.message, error.reason.value)

@@ -370,3 +370,27 @@ async def _until_queued(database: Database, n: int, timeout: float = 10) -> None
                 return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} waiters queued within {timeout}s")
+
+
+async def test_release_naming_someone_elses_reservation_releases_nothing(
+    database: Database, engine: ReservationEngine
+) -> None:
+    await seed_farm(database, boards_per_worker=2)
+    mine = await engine.reserve("alice", spec(1))
+    theirs = await engine.reserve("bob", spec(1))
+    with pytest.raises(PermissionDenied):
+        await engine.release(
+            "alice", reservation_ids=[mine.reservation.id, theirs.reservation.id]
+        )
+    assert await held_by(database, mine.reservation.devices[0].id) == mine.reservation.id
+    assert await held_by(database, theirs.reservation.devices[0].id) == theirs.reservation.id
+
+
+async def test_releasing_an_ended_reservation_again_is_harmless(
+    database: Database, engine: ReservationEngine
+) -> None:
+    await seed_farm(database, boards_per_worker=1)
+    grant = await engine.reserve("alice", spec(1))
+    await engine.release("alice", reservation_ids=[grant.reservation.id])
+    again = await engine.release("alice", reservation_ids=[grant.reservation.id])
+    assert again.device_ids == [] and again.ended_reservation_ids == []
