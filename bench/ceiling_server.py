@@ -23,7 +23,9 @@ class Ceiling(pb_grpc.ReservationServiceServicer):
 
     async def setup(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE IF NOT EXISTS bench_counter (id int primary key, n bigint)"))
+            await conn.execute(
+                text("CREATE TABLE IF NOT EXISTS bench_counter (id int primary key, n bigint)")
+            )
             await conn.execute(text("DELETE FROM bench_counter"))
             await conn.execute(
                 text("INSERT INTO bench_counter SELECT g, 0 FROM generate_series(0, 63) g")

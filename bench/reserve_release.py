@@ -106,9 +106,21 @@ async def seed(url: str) -> None:
 
 def start_control(url: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [str(BIN / "icefarm-control"), "serve", "--listen", "127.0.0.1:0", "--database", url,
-         "--log-format", "json", "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(BIN / "icefarm-control"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            url,
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert process.stdout is not None
     for line in process.stdout:
@@ -124,7 +136,9 @@ def start_control(url: str) -> tuple[subprocess.Popen[str], str]:
 def start_ceiling(url: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "ceiling_server.py"), url],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={"PYTHONPATH": str(ROOT)},
     )
     assert process.stdout is not None
@@ -146,7 +160,9 @@ async def measure(address: str, seconds: float, levels: list[int]) -> list[Figur
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
     parser.add_argument("--backends", default="sqlite,postgresql,ceiling")
     parser.add_argument("--clients", default="1,8,32")

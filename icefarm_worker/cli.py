@@ -6,5 +6,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("icefarm: this command is not built yet; see README.md for what works today", file=sys.stderr)
+    print(
+        "icefarm: this command is not built yet; see README.md for what works today",
+        file=sys.stderr,
+    )
     return 1

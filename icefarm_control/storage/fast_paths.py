@@ -17,19 +17,19 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    ColumnElement,
     Integer,
     Select,
-    bindparam,
-    true,
-    ColumnElement,
     String,
     and_,
+    bindparam,
     case,
     exists,
     func,
     insert,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection

@@ -1,4 +1,4 @@
-"""The schema: one SQLAlchemy Core table per fact of ARCHITECTURE §5, the same on SQLite and PostgreSQL."""
+"""The schema: one SQLAlchemy Core table per fact of ARCHITECTURE §5, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

@@ -58,7 +58,9 @@ def parse_device_state(value: types_pb2.DeviceState.ValueType) -> DeviceState | 
 
 
 def _end_reason(value: str | None) -> types_pb2.EndReason.ValueType:
-    return types_pb2.EndReason.Value(f"END_REASON_{value}") if value else 0
+    if not value:
+        return types_pb2.END_REASON_UNSPECIFIED
+    return types_pb2.EndReason.Value(f"END_REASON_{value}")
 
 
 def device(row: DeviceRow) -> types_pb2.Device:
@@ -102,7 +104,7 @@ def reservation(row: ReservationRow) -> types_pb2.Reservation:
                 id=d.id,
                 worker=d.worker,
                 worker_endpoint=d.worker_endpoint,
-                state=device_state(d.state) if d.state else 0,
+                state=device_state(d.state) if d.state else types_pb2.DEVICE_STATE_UNSPECIFIED,
                 kind=d.kind,
                 released_reason=_end_reason(d.released_reason),
             )

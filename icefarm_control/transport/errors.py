@@ -58,7 +58,8 @@ def to_status(
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
-    return rpc_status.to_status(status)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def domain_status(error: e.IcefarmDomainError) -> grpc.Status:

@@ -6,8 +6,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from icefarm.v1 import control_service_pb2, control_service_pb2_grpc
-from icefarm.v1 import reservation_service_pb2, reservation_service_pb2_grpc
+from icefarm.v1 import (
+    control_service_pb2,
+    control_service_pb2_grpc,
+    reservation_service_pb2,
+    reservation_service_pb2_grpc,
+)
 from icefarm_control.transport.control import ControlServicer
 from icefarm_control.transport.reservations import ReservationServicer
 

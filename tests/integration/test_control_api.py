@@ -24,9 +24,7 @@ def seconds(value: float) -> duration_pb2.Duration:
     return d
 
 
-async def reserve(
-    control: RunningControl, client: str, **fields: object
-) -> rpb.ReserveResponse:
+async def reserve(control: RunningControl, client: str, **fields: object) -> rpb.ReserveResponse:
     request = rpb.ReserveRequest(**fields)  # type: ignore[arg-type]
     response: rpb.ReserveResponse = await control.reservations.Reserve(
         request, metadata=as_client(client)
@@ -193,19 +191,29 @@ BAD_RESERVES: list[tuple[str, dict[str, object], str]] = [
     ("zero duration", {"count": 1, "duration": seconds(0)}, "duration"),
     ("absurd duration", {"count": 1, "duration": seconds(10 * 365 * 86400)}, "duration"),
     ("negative duration", {"count": 1, "duration": duration_pb2.Duration(seconds=-5)}, "duration"),
-    ("negative wait", {"count": 1, "wait_timeout": duration_pb2.Duration(seconds=-1)}, "wait_timeout"),
+    (
+        "negative wait",
+        {"count": 1, "wait_timeout": duration_pb2.Duration(seconds=-1)},
+        "wait_timeout",
+    ),
     ("absurd wait", {"count": 1, "wait_timeout": seconds(400 * 86400)}, "wait_timeout"),
     ("unknown device id", {"device_ids": ["board-0-000", "no-such-board"]}, "device_ids"),
     ("duplicate device id", {"device_ids": ["board-0-000", "board-0-000"]}, "device_ids"),
     ("oversized device list", {"device_ids": [f"d{i}" for i in range(5000)]}, "device_ids"),
     ("count and ids", {"count": 3, "device_ids": ["board-0-000"]}, "count"),
     ("bad mode", {"count": 1, "mode": "Pulse Count!"}, "mode"),
-    ("too many mode args", {"count": 1, "mode_args": {f"k{i}": "v" for i in range(100)}}, "mode_args"),
+    (
+        "too many mode args",
+        {"count": 1, "mode_args": {f"k{i}": "v" for i in range(100)}},
+        "mode_args",
+    ),
     ("oversized selector", {"count": 1, "selector": "a=" + "b" * 5000}, "selector"),
 ]
 
 
-@pytest.mark.parametrize(("fields", "field"), [c[1:] for c in BAD_RESERVES], ids=[c[0] for c in BAD_RESERVES])
+@pytest.mark.parametrize(
+    ("fields", "field"), [c[1:] for c in BAD_RESERVES], ids=[c[0] for c in BAD_RESERVES]
+)
 async def test_bad_reserve_is_invalid_argument_naming_the_field_and_writes_nothing(
     control: RunningControl, fields: dict[str, object], field: str
 ) -> None:
@@ -235,7 +243,9 @@ async def test_selector_errors_name_the_position(control: RunningControl) -> Non
 async def test_availability_counts_matching_free_devices(control: RunningControl) -> None:
     await register_worker(control.database, "lab-a")
     await register_device(control.database, "a", worker="lab-a", properties={"gpu_memory_mb": 8192})
-    await register_device(control.database, "b", worker="lab-a", properties={"gpu_memory_mb": 16384})
+    await register_device(
+        control.database, "b", worker="lab-a", properties={"gpu_memory_mb": 16384}
+    )
     answer = await control.reservations.GetAvailability(
         rpb.GetAvailabilityRequest(selector="gpu_memory_mb>=16384")
     )
@@ -246,7 +256,9 @@ async def test_operator_lists_workers_and_devices_with_paging(control: RunningCo
     await seed_farm(control.database, workers=2, boards_per_worker=3)
     workers = await control.control.ListWorkers(cpb.ListWorkersRequest())
     assert [w.name for w in workers.workers] == ["worker-0", "worker-1"]
-    assert all(w.device_count == 3 and w.state == types_pb2.WORKER_STATE_ONLINE for w in workers.workers)
+    assert all(
+        w.device_count == 3 and w.state == types_pb2.WORKER_STATE_ONLINE for w in workers.workers
+    )
     seen: list[str] = []
     token = ""
     while True:

@@ -265,9 +265,7 @@ async def test_waiter_is_served_when_boards_free_up(
     await engine.release("alice", everything=True)
     grant = await asyncio.wait_for(waiting, 10)
     assert grant.reservation.client_id == "bob"
-    assert {d.id for d in grant.reservation.devices} == {
-        d.id for d in holder.reservation.devices
-    }
+    assert {d.id for d in grant.reservation.devices} == {d.id for d in holder.reservation.devices}
 
 
 async def test_waiters_are_served_in_arrival_order(
@@ -379,9 +377,7 @@ async def test_release_naming_someone_elses_reservation_releases_nothing(
     mine = await engine.reserve("alice", spec(1))
     theirs = await engine.reserve("bob", spec(1))
     with pytest.raises(PermissionDenied):
-        await engine.release(
-            "alice", reservation_ids=[mine.reservation.id, theirs.reservation.id]
-        )
+        await engine.release("alice", reservation_ids=[mine.reservation.id, theirs.reservation.id])
     assert await held_by(database, mine.reservation.devices[0].id) == mine.reservation.id
     assert await held_by(database, theirs.reservation.devices[0].id) == theirs.reservation.id
 
