@@ -106,6 +106,7 @@ class ControlApp:
         for task in self._timers:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
+        await self.engine.close()
         await self.database.dispose()
         log.info("control stopped")
 

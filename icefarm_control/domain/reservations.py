@@ -89,6 +89,7 @@ class ReservationEngine:
         self.limits = limits or Limits()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self._waiters: dict[int, asyncio.Event] = {}
+        self._abandoning: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ reserve
 
@@ -316,10 +317,20 @@ class ReservationEngine:
             return await self._served_reservation(reservation_id)
         except asyncio.CancelledError:
             # The caller went away: give back whatever the queue handed it meanwhile.
-            await asyncio.shield(self._abandon(waiter_id))
+            task = asyncio.ensure_future(self._abandon(waiter_id))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
+            await asyncio.shield(task)
             raise
         finally:
             self._waiters.pop(waiter_id, None)
+
+    async def close(self) -> None:
+        """Before the database closes: finish giving back what cancelled waiters were handed,
+        and take every request of ours still queued out of the queue (its caller is gone)."""
+        await asyncio.gather(*self._abandoning, return_exceptions=True)
+        for waiter_id in list(self._waiters):
+            await self._abandon(waiter_id)
 
     async def _withdraw(self, waiter_id: int) -> str | None:
         """Leave the queue; the reservation id if we were served in the meantime."""

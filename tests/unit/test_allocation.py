@@ -96,4 +96,4 @@ def test_no_device_is_granted_twice() -> None:
     plan = plan_allocation(demands, boards(*(f"b{i}" for i in range(7))))
     granted = [device for ids in plan.values() for device in ids]
     assert len(granted) == len(set(granted)) == 6
-    assert sorted(plan) == [0, 1, 2]
+    assert set(plan) == {0, 1, 2}
