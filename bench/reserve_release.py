@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from icefarm.v1 import reservation_service_pb2 as pb  # noqa: E402
 from icefarm.v1 import reservation_service_pb2_grpc as pb_grpc  # noqa: E402
+from icefarm_control.launch import start_control_process  # noqa: E402
 from icefarm_control.storage.database import Database  # noqa: E402
 from icefarm_control.storage.migrate import upgrade  # noqa: E402
 from icefarm_control.storage.testing import seed_farm  # noqa: E402
@@ -104,35 +104,6 @@ async def seed(url: str) -> None:
     await database.dispose()
 
 
-def start_control(url: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            str(BIN / "icefarm-control"),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            url,
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == "control serving":
-            return process, f"127.0.0.1:{record['port']}"
-    raise SystemExit("control did not start")
-
-
 def start_ceiling(url: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "ceiling_server.py"), url],
@@ -181,7 +152,7 @@ def main() -> None:
                     process, address = start_ceiling(url)
                 else:
                     asyncio.run(seed(url))
-                    process, address = start_control(url)
+                    process, address = start_control_process(url, Path(tmp) / "control.log")
                 try:
                     results[backend] = asyncio.run(measure(address, args.seconds, levels))
                     report(backend, results[backend])

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -24,6 +20,7 @@ from icefarm.v1 import control_service_pb2_grpc as cpb_grpc
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import reservation_service_pb2_grpc as rpb_grpc
 from icefarm.v1 import types_pb2
+from icefarm_control.launch import start_control_process
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
 from icefarm_control.storage.testing import seed_farm
@@ -31,28 +28,6 @@ from icefarm_control.storage.testing import seed_farm
 
 def _seconds(value: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=int(value), nanos=int(value % 1 * 1e9))
-
-
-def _start_control(url: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `icefarm-control serve` logging to `log_path`; return it and its address."""
-    command = [
-        str(Path(sys.executable).parent / "icefarm-control"),
-        "serve", "--listen", "127.0.0.1:0", "--database", url, "--log-format", "json",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        for line in log_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == "control serving":
-                return process, f"127.0.0.1:{record['port']}"
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"the control did not start; see {log_path}")
 
 
 def _state(value: int) -> str:
@@ -122,7 +97,7 @@ def run_demo(boards: int = 8, *, keep_running: bool = False) -> int:
             await database.dispose()
 
         asyncio.run(seed())
-        process, address = _start_control(url, Path(tmp) / "control.log")
+        process, address = start_control_process(url, Path(tmp) / "control.log")
         try:
             print(f"control serving on {address} (SQLite at {tmp}/control.db)\n")
             asyncio.run(_walk_through(address))

@@ -625,13 +625,11 @@ class ReservationEngine:
 
 
 def _as_reserved(device: DeviceRow) -> ReservedDeviceRow:
-    return ReservedDeviceRow(
+    return ReservedDeviceRow.newly_reserved(
         id=device.id,
         worker=device.worker,
-        worker_endpoint=device.worker_endpoint,
-        state=DeviceState.RESERVED.value,
+        endpoint=device.worker_endpoint,
         kind=device.kind,
-        released_reason=None,
         reset_on_release=device.reset_on_release,
     )
 

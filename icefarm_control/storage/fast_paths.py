@@ -175,13 +175,11 @@ async def reserve_in_one_statement(
     if len(rows) != needed:
         return None
     return [
-        ReservedDeviceRow(
+        ReservedDeviceRow.newly_reserved(
             id=r.id,
             worker=r.worker_name,
-            worker_endpoint=r.endpoint,
-            state=DeviceState.RESERVED.value,
+            endpoint=r.endpoint,
             kind=r.kind,
-            released_reason=None,
             reset_on_release=r.reset_on_release,
         )
         for r in rows

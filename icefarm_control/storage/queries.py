@@ -272,13 +272,11 @@ async def take_free_devices_fast(
             query = query.where(selector_clause(selector))
         query = query.limit(count)
     rows = [
-        ReservedDeviceRow(
+        ReservedDeviceRow.newly_reserved(
             id=r.id,
             worker=r.worker_name,
-            worker_endpoint=r.endpoint,
-            state=DeviceState.RESERVED.value,
+            endpoint=r.endpoint,
             kind=r.kind,
-            released_reason=None,
             reset_on_release=r.reset_on_release,
         )
         for r in await conn.execute(query)

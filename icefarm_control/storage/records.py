@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from icefarm_control.domain.states import DeviceState
+
 
 @dataclass(frozen=True)
 class WorkerRow:
@@ -45,6 +47,21 @@ class ReservedDeviceRow:
     kind: str
     released_reason: str | None
     reset_on_release: bool = False
+
+    @staticmethod
+    def newly_reserved(
+        *, id: str, worker: str, endpoint: str, kind: str, reset_on_release: bool
+    ) -> ReservedDeviceRow:
+        """A device just taken by a reservation."""
+        return ReservedDeviceRow(
+            id=id,
+            worker=worker,
+            worker_endpoint=endpoint,
+            state=DeviceState.RESERVED.value,
+            kind=kind,
+            released_reason=None,
+            reset_on_release=reset_on_release,
+        )
 
 
 @dataclass(frozen=True)
