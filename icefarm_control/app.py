@@ -19,6 +19,7 @@ from icefarm_control.domain.inventory import Inventory
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
 from icefarm_control.domain.tokens import TokenSigner
+from icefarm_control.notifier import Notifier, PostgresListener, stop_task
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
 from icefarm_control.transport.control import ControlServicer
@@ -40,6 +41,9 @@ class ControlApp:
     _health: health.aio.HealthServicer | None = field(init=False, default=None)
     _timers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    notifier: Notifier = field(init=False)
+    listener: PostgresListener | None = field(init=False, default=None)
+    _listener_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
         self.database = Database(self.config.database, pool_size=self.config.db_pool_size)
@@ -49,12 +53,19 @@ class ControlApp:
             key = secrets.token_bytes(32)
             log.info("using a random token key (set ICEFARM_TOKEN_KEY when running replicas)")
         clock = SystemClock()
+        self.notifier = Notifier()
+        self.database.on_commit = self.notifier.wake
+        if self.database.is_postgresql:
+            self.listener = PostgresListener(self.config.database, self.notifier)
+            self._listener_task = asyncio.create_task(self.listener.run())
+            await asyncio.wait_for(self.listener.connected.wait(), timeout=30)
         self.engine = ReservationEngine(
             self.database,
             signer=TokenSigner(key),
             clock=clock,
             timers=self.config.timers,
             limits=Limits(),
+            notifier=self.notifier,
         )
         inventory = Inventory(self.database, self.engine, clock, self.engine.limits)
         self._server, self._health, self.port = build_server(
@@ -107,6 +118,7 @@ class ControlApp:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
         await self.engine.close()
+        await stop_task(self._listener_task)
         await self.database.dispose()
         log.info("control stopped")
 

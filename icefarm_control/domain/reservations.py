@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -15,6 +14,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from icefarm_control.domain import events
 from icefarm_control.domain.allocation import Demand, plan_allocation
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.errors import (
@@ -24,6 +24,7 @@ from icefarm_control.domain.errors import (
     PermissionDenied,
     Reason,
 )
+from icefarm_control.domain.events import CommandType, EventType
 from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Limits, Timers
@@ -34,7 +35,8 @@ from icefarm_control.domain.states import (
     state_after_release,
 )
 from icefarm_control.domain.tokens import TokenClaims, TokenSigner
-from icefarm_control.storage import fast_paths
+from icefarm_control.notifier import Notifier
+from icefarm_control.storage import fast_paths, outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.records import (
@@ -46,6 +48,10 @@ from icefarm_control.storage.records import (
 
 log = structlog.get_logger(__name__)
 NEW_REQUEST = "new"
+
+
+def waiter_topic(waiter_id: int) -> str:
+    return f"waiter:{waiter_id}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ReservationEngine:
         timers: Timers | None = None,
         limits: Limits | None = None,
         replica_id: str = "",
+        notifier: Notifier | None = None,
     ) -> None:
         self.db = database
         self.signer = signer
@@ -88,7 +95,9 @@ class ReservationEngine:
         self.timers = timers or Timers()
         self.limits = limits or Limits()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
-        self._waiters: dict[int, asyncio.Event] = {}
+        self.notifier = notifier or Notifier()
+        # Queue entries whose Reserve call is waiting in this process.
+        self._waiting: set[int] = set()
         self._abandoning: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ reserve
@@ -101,7 +110,6 @@ class ReservationEngine:
                 return self.grant(quick)
         now = self.clock.now()
         reservation: ReservationRow | None = None
-        served: list[int] = []
         async with self.db.write() as conn:
             if spec.request_id:
                 earlier = await q.reservation_by_request(conn, client_id, spec.request_id)
@@ -117,7 +125,7 @@ class ReservationEngine:
             )
             if taken is None:
                 demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
-                taken, served = await self._allocate(conn, now, extra=demand)
+                taken = await self._allocate(conn, now, extra=demand)
             if taken is not None:
                 reservation = await self._create(conn, client_id, spec, taken, now)
             elif spec.wait <= timedelta(0):
@@ -137,8 +145,7 @@ class ReservationEngine:
                     deadline=now + spec.wait,
                     replica_id=self.replica_id,
                 )
-                self._waiters[waiter_id] = asyncio.Event()
-        self._wake(served)
+                self._waiting.add(waiter_id)
         if reservation is not None:
             return self.grant(reservation)
         return self.grant(await self._wait(waiter_id, spec, now + spec.wait))
@@ -168,6 +175,7 @@ class ReservationEngine:
             return None  # a retried request_id: the general path returns the first answer
         if taken is None:
             return None
+        self.db.published({outbox.OPERATOR} | {outbox.worker_topic(d.worker) for d in taken})
         return self._new_row(reservation_id, client_id, spec, taken, now)
 
     def _shortage(self, spec: ReserveSpec) -> str:
@@ -220,32 +228,52 @@ class ReservationEngine:
             end_time=row.end_time,
             request_id=spec.request_id,
         )
+        for device in taken:
+            payload = events.prepare_device(
+                device_id=device.id,
+                reservation_id=row.id,
+                client_id=client_id,
+                mode=spec.mode,
+                mode_args=spec.mode_args,
+                lease_seconds=spec.lease.total_seconds(),
+            )
+            await outbox.append_command(
+                conn, device.worker, CommandType.PREPARE_DEVICE, payload, now, device_id=device.id
+            )
+        created = events.reservation_created(
+            reservation_id=row.id,
+            client_id=client_id,
+            device_ids=[d.id for d in taken],
+            mode=spec.mode,
+            end_time=row.end_time,
+        )
+        await outbox.append_event(
+            conn, outbox.OPERATOR, EventType.RESERVATION_CREATED, created, now
+        )
         log.debug("reserved", reservation=row.id, client=client_id, devices=[d.id for d in taken])
         return row
 
     async def _allocate(
         self, conn: AsyncConnection, now: datetime, extra: Demand | None = None
-    ) -> tuple[list[ReservedDeviceRow] | None, list[int]]:
+    ) -> list[ReservedDeviceRow] | None:
         """The slow path: plan the whole queue (plus `extra` at its tail) over every free device,
         serve the queued requests that can be served, and return what `extra` gets."""
         await q.lock_allocation(conn)
         free = await q.lock_free_devices(conn)
         queue = [w for w in await q.waiting(conn) if w.deadline > now]
         if not free or (not queue and extra is None):
-            return None, []
+            return None
         demands: list[Demand] = [self._demand(w) for w in queue]
         if extra is not None:
             demands.append(extra)
         plan = plan_allocation(demands, free)
         by_id = {d.id: d for d in free}
-        served = []
         for waiter in queue:
             ids = plan.get(waiter.id)
             if ids:
                 await self._serve(conn, waiter, [_as_reserved(by_id[i]) for i in ids], now)
-                served.append(waiter.id)
         mine = plan.get(NEW_REQUEST)
-        return (None if mine is None else [_as_reserved(by_id[i]) for i in mine]), served
+        return None if mine is None else [_as_reserved(by_id[i]) for i in mine]
 
     @staticmethod
     def _demand(waiter: WaiterRow) -> Demand:
@@ -273,44 +301,35 @@ class ReservationEngine:
         )
         reservation = await self._create(conn, waiter.client_id, spec, taken, now)
         await q.mark_waiter_served(conn, waiter.id, reservation.id)
+        outbox.touch(conn, waiter_topic(waiter.id))
 
     async def serve_waiters(self) -> None:
         """Give newly free devices to the queue (called when devices become AVAILABLE)."""
-        now = self.clock.now()
         async with self.db.write() as conn:
-            served = await self._serve_if_queued(conn, now)
-        self._wake(served)
+            await self._serve_if_queued(conn, self.clock.now())
 
-    async def _serve_if_queued(self, conn: AsyncConnection, now: datetime) -> list[int]:
-        if not await q.has_waiters(conn):
-            return []
-        _, served = await self._allocate(conn, now)
-        return served
-
-    def _wake(self, waiter_ids: Sequence[int]) -> None:
-        for waiter_id in waiter_ids:
-            event = self._waiters.get(waiter_id)
-            if event is not None:
-                event.set()
+    async def _serve_if_queued(self, conn: AsyncConnection, now: datetime) -> None:
+        if await q.has_waiters(conn):
+            await self._allocate(conn, now)
 
     async def _wait(self, waiter_id: int, spec: ReserveSpec, deadline: datetime) -> ReservationRow:
-        """Wait for our queue entry to be served; withdraw it on timeout or cancellation."""
-        event = self._waiters[waiter_id]
+        """Wait for our queue entry to be served; withdraw it on timeout or cancellation.
+        Whichever replica serves it wakes us through the notifier; we also re-read our entry
+        now and then, so a lost wake-up only costs a little time."""
         try:
-            while True:
-                async with self.db.read() as conn:
-                    waiter = await q.get_waiter(conn, waiter_id)
-                if waiter is not None and waiter.reservation_id is not None:
-                    return await self._served_reservation(waiter.reservation_id)
-                if waiter is None or waiter.state == q.CANCELLED:
-                    raise NotEnoughDevices(self._shortage(spec), waited=True)
-                remaining = (deadline - self.clock.now()).total_seconds()
-                if remaining <= 0:
-                    break
-                poll = self.timers.waiter_poll_interval.total_seconds()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(remaining, poll))
-                event.clear()
+            with self.notifier.subscribe(waiter_topic(waiter_id)) as subscription:
+                while True:
+                    async with self.db.read() as conn:
+                        waiter = await q.get_waiter(conn, waiter_id)
+                    if waiter is not None and waiter.reservation_id is not None:
+                        return await self._served_reservation(waiter.reservation_id)
+                    if waiter is None or waiter.state == q.CANCELLED:
+                        raise NotEnoughDevices(self._shortage(spec), waited=True)
+                    remaining = (deadline - self.clock.now()).total_seconds()
+                    if remaining <= 0:
+                        break
+                    poll = self.timers.waiter_poll_interval.total_seconds()
+                    await subscription.wait(min(remaining, poll))
             reservation_id = await self._withdraw(waiter_id)
             if reservation_id is None:
                 raise NotEnoughDevices(self._shortage(spec), waited=True)
@@ -323,13 +342,13 @@ class ReservationEngine:
             await asyncio.shield(task)
             raise
         finally:
-            self._waiters.pop(waiter_id, None)
+            self._waiting.discard(waiter_id)
 
     async def close(self) -> None:
         """Before the database closes: finish giving back what cancelled waiters were handed,
         and take every request of ours still queued out of the queue (its caller is gone)."""
         await asyncio.gather(*self._abandoning, return_exceptions=True)
-        for waiter_id in list(self._waiters):
+        for waiter_id in list(self._waiting):
             await self._abandon(waiter_id)
 
     async def _withdraw(self, waiter_id: int) -> str | None:
@@ -349,8 +368,7 @@ class ReservationEngine:
             await self._let_go(
                 conn, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST, {row.id: row}
             )
-            served = await self._serve_if_queued(conn, self.clock.now())
-        self._wake(served)
+            await self._serve_if_queued(conn, self.clock.now())
 
     async def _served_reservation(self, reservation_id: str) -> ReservationRow:
         async with self.db.read() as conn:
@@ -381,8 +399,8 @@ class ReservationEngine:
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         if not (device_ids or reservation_ids or everything):
             raise InvalidArgument("device_ids", "name devices or reservations, or set all")
-        if self.db.is_postgresql and reservation_ids and not (device_ids or everything):
-            quick = await self._release_in_one_statement(client_id, reservation_ids)
+        if self.db.is_postgresql and len(reservation_ids) == 1 and not (device_ids or everything):
+            quick = await self._release_in_one_statement(client_id, reservation_ids[0])
             if quick is not None:
                 return quick
         async with self.db.write() as conn:
@@ -406,28 +424,28 @@ class ReservationEngine:
                     raise PermissionDenied(f"device {device_id} is held by another client")
                 targets[device.reservation_id].append(device_id)
             outcome = await self._let_go(conn, targets, EndReason.RELEASED, rows)
-            served = await self._serve_if_queued(conn, self.clock.now())
-        self._wake(served)
+            await self._serve_if_queued(conn, self.clock.now())
         return outcome
 
     async def _release_in_one_statement(
-        self, client_id: str, reservation_ids: Sequence[str]
+        self, client_id: str, reservation_id: str
     ) -> ReleaseOutcome | None:
-        """PostgreSQL's one-round-trip release of whole reservations; None = general path."""
+        """PostgreSQL's one-round-trip release of a whole reservation; None = general path."""
         async with self.db.autocommit() as conn:
             released = await fast_paths.release_in_one_statement(
                 conn,
                 client_id=client_id,
-                reservation_ids=reservation_ids,
+                reservation_id=reservation_id,
                 reason=EndReason.RELEASED.value,
                 now=self.clock.now(),
             )
         if released is None:
             return None
-        device_ids, queued = released
-        if queued:
+        topics = {outbox.client_audience(client_id), outbox.OPERATOR, outbox.DEVICES}
+        self.db.published(topics | {outbox.worker_topic(w) for w in released.workers})
+        if released.queued:
             await self.serve_waiters()
-        return ReleaseOutcome(sorted(device_ids), list(reservation_ids))
+        return ReleaseOutcome(released.device_ids, [reservation_id])
 
     async def _own_reservations(
         self, conn: AsyncConnection, client_id: str, reservation_ids: Sequence[str]
@@ -476,11 +494,39 @@ class ReservationEngine:
                 moves[target].append(device_id)
             await q.free_devices(conn, moves, now)
             released.extend(letting_go)
-            if len(letting_go) == len(held):
+            closed = len(letting_go) == len(held)
+            if closed:
                 await q.end_reservation(conn, row.id, reason.value, now)
                 ended.append(row.id)
                 log.debug("reservation ended", reservation=row.id, reason=reason.value)
+            await self._record_release(conn, row, [held[d] for d in letting_go], reason, closed)
         return ReleaseOutcome(released, ended)
+
+    async def _record_release(
+        self,
+        conn: AsyncConnection,
+        row: ReservationRow,
+        devices: Sequence[ReservedDeviceRow],
+        reason: EndReason,
+        closed: bool,
+    ) -> None:
+        """The outbox side of letting devices go: tell the holder, the operators and the
+        workers (which reset their boards), and wake whoever waits for free devices."""
+        now = self.clock.now()
+        payload = events.reservation_ended(
+            reservation_id=row.id, device_ids=[d.id for d in devices], reason=reason, closed=closed
+        )
+        ended = EventType.RESERVATION_ENDED
+        await outbox.append_event(conn, outbox.client_audience(row.client_id), ended, payload, now)
+        await outbox.append_event(
+            conn, outbox.OPERATOR, ended, {**payload, "client_id": row.client_id}, now
+        )
+        for device in devices:
+            command = events.release_device(device_id=device.id, reservation_id=row.id)
+            await outbox.append_command(
+                conn, device.worker, CommandType.RELEASE_DEVICE, command, now, device_id=device.id
+            )
+        outbox.touch(conn, outbox.DEVICES)
 
     async def end_reservations(
         self,
@@ -518,8 +564,7 @@ class ReservationEngine:
                     if device is not None and device.reservation_id is not None:
                         targets[device.reservation_id].append(device_id)
             outcome = await self._let_go(conn, targets, reason, rows)
-            served = await self._serve_if_queued(conn, self.clock.now())
-        self._wake(served)
+            await self._serve_if_queued(conn, self.clock.now())
         return outcome
 
     async def expire_due(self, batch: int = 100) -> list[str]:
@@ -540,8 +585,7 @@ class ReservationEngine:
             for row in rows:
                 if row.id not in outcome.ended_reservation_ids and not row.held_device_ids:
                     await q.end_reservation(conn, row.id, EndReason.EXPIRED.value, now)
-            served = await self._serve_if_queued(conn, now)
-        self._wake(served)
+            await self._serve_if_queued(conn, now)
         return due
 
     async def seconds_until_next_expiry(self) -> float | None:
@@ -595,6 +639,16 @@ class ReservationEngine:
             active = [r.id for r in rows if r.state == ReservationState.ACTIVE]
             await q.set_end_time(conn, active, now + lease)
             updated = await q.get_reservations(conn, active)
+            before = {r.id: r.end_time for r in rows}
+            for row in updated:
+                if row.end_time == before[row.id]:
+                    continue
+                payload = events.reservation_extended(reservation_id=row.id, end_time=row.end_time)
+                extended = EventType.RESERVATION_EXTENDED
+                await outbox.append_event(
+                    conn, outbox.client_audience(row.client_id), extended, payload, now
+                )
+                await outbox.append_event(conn, outbox.OPERATOR, extended, payload, now)
         return [self.grant(r) for r in updated]
 
     async def list_reservations(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import platformdirs
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from icefarm_control.notifier import CHANNEL, notify_payload
+from icefarm_control.storage.outbox import take_touched
 
 WRITE_OPTION = "icefarm_write"
 
@@ -49,6 +52,8 @@ class Database:
         self.url = normalise_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Set by the app: wakes this process's readers of the topics a transaction touched.
+        self.on_commit: Callable[[set[str]], None] | None = None
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             path = make_url(self.url).database
@@ -71,15 +76,30 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that may write; committed on success, rolled back on error."""
-        if self._write_lock is None:
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with self._write_lock, self.engine.connect() as conn:
-            conn = await conn.execution_options(**{WRITE_OPTION: True})
-            async with conn.begin():
-                yield conn
+        """A transaction that may write; committed on success, rolled back on error. The
+        topics it touched (storage/outbox.py) are published once it commits."""
+        topics: set[str] = set()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            conn = await stack.enter_async_context(self.engine.connect())
+            if self.is_sqlite:
+                conn = await conn.execution_options(**{WRITE_OPTION: True})
+            try:
+                async with conn.begin():
+                    yield conn
+                    topics = take_touched(conn)
+                    if topics and self.is_postgresql:
+                        # Delivered to every replica's listener when (and only if) we commit.
+                        await conn.execute(select(func.pg_notify(CHANNEL, notify_payload(topics))))
+            finally:
+                take_touched(conn)
+        self.published(topics)
+
+    def published(self, topics: set[str]) -> None:
+        """Wake this process's readers of `topics` (after a commit)."""
+        if topics and self.on_commit is not None:
+            self.on_commit(topics)
 
     @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:

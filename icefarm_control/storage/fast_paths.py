@@ -12,28 +12,35 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
     ColumnElement,
+    Float,
     Integer,
     Select,
     String,
     and_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     insert,
     literal,
     select,
     true,
+    union,
     update,
 )
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from icefarm_control.domain.events import CommandType, EventType, iso
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.states import (
     HELD_STATES,
@@ -42,15 +49,21 @@ from icefarm_control.domain.states import (
     WorkerState,
     state_after_release,
 )
+from icefarm_control.notifier import CHANNEL
+from icefarm_control.storage import outbox
 from icefarm_control.storage.models import (
     JsonDocument,
     UtcDateTime,
     devices,
+    event_sequences,
+    events,
     reservation_devices,
     reservations,
     waiters,
+    worker_commands,
     workers,
 )
+from icefarm_control.storage.outbox import DEVICES, OPERATOR
 from icefarm_control.storage.records import ReservedDeviceRow
 from icefarm_control.storage.selector_sql import selector_clause
 
@@ -134,11 +147,110 @@ def _reserve_statement(selector_text: str, by_ids: bool) -> Select[Any]:
         .returning(devices.c.id, devices.c.worker_name, devices.c.kind, devices.c.reset_on_release)
         .cte("taken")
     )
+    commands = _insert_commands(
+        taken,
+        CommandType.PREPARE_DEVICE,
+        func.jsonb_build_object(
+            "device_id", taken.c.id,
+            "reservation_id", bindparam("p_reservation_id", type_=String()),
+            "client_id", bindparam("p_client_id", type_=String()),
+            "mode", bindparam("p_mode", type_=String()),
+            "mode_args", bindparam("p_mode_args", type_=JsonDocument),
+            "lease_seconds", bindparam("p_lease_seconds", type_=Float()),
+        ),
+    )  # fmt: skip
+    created_event = _insert_event(
+        created,
+        literal(OPERATOR, String()),
+        EventType.RESERVATION_CREATED,
+        func.jsonb_build_object(
+            "reservation_id", bindparam("p_reservation_id", type_=String()),
+            "client_id", bindparam("p_client_id", type_=String()),
+            "device_ids", _sorted_ids(picked.c.id),
+            "mode", bindparam("p_mode", type_=String()),
+            "end_time", bindparam("p_end_time_iso", type_=String()),
+        ),
+    )  # fmt: skip
     return (
-        select(taken, workers.c.endpoint)
+        select(
+            taken,
+            workers.c.endpoint,
+            _notify(literal(OPERATOR, String()), commands, created_event).label("notified"),
+        )
         .join(workers, workers.c.name == taken.c.worker_name)
         .order_by(taken.c.id)
     )
+
+
+def _sorted_ids(column: ColumnElement[str]) -> ColumnElement[Any]:
+    """A JSON array of ids in code-point order (Python's `sorted`), whatever the collation."""
+    return select(func.jsonb_agg(aggregate_order_by(column, column.collate("C")))).scalar_subquery()
+
+
+def _insert_commands(devices_cte: Any, type_: CommandType, payload: ColumnElement[Any]) -> Any:
+    """One PENDING command per row of `devices_cte` (which has `id` and `worker_name`)."""
+    return (
+        insert(worker_commands)
+        .from_select(
+            ["correlation_id", "worker_name", "device_id", "type", "payload", "state",
+             "create_time", "error"],
+            select(
+                func.replace(cast(func.gen_random_uuid(), String()), "-", ""),
+                devices_cte.c.worker_name,
+                devices_cte.c.id,
+                literal(type_.value, String()),
+                payload,
+                literal(outbox.PENDING, String()),
+                bindparam("p_now", type_=UtcDateTime()),
+                literal("", String()),
+            ),
+        )
+        .returning(worker_commands.c.worker_name)
+        .cte(f"{type_.value}_commands")
+    )  # fmt: skip
+
+
+def _insert_event(
+    when: Any, audience: ColumnElement[str], type_: EventType, payload: ColumnElement[Any]
+) -> Any:
+    """Append one event for `audience` if `when` has a row, numbered from its counter row."""
+    name = f"{type_.value}_{abs(hash(str(audience))) % 10_000}"
+    sequence = (
+        postgresql.insert(event_sequences)
+        .from_select(["audience", "last_sequence"], select(audience, literal(1)).select_from(when))
+        .on_conflict_do_update(
+            index_elements=[event_sequences.c.audience],
+            set_={"last_sequence": event_sequences.c.last_sequence + 1},
+        )
+        .returning(event_sequences.c.last_sequence)
+        .cte(f"{name}_sequence")
+    )
+    return (
+        insert(events)
+        .from_select(
+            ["audience", "sequence", "type", "payload", "create_time"],
+            select(
+                audience,
+                sequence.c.last_sequence,
+                literal(type_.value, String()),
+                payload,
+                bindparam("p_now", type_=UtcDateTime()),
+            ),
+        )
+        .returning(events.c.audience)
+        .cte(f"{name}_event")
+    )
+
+
+def _notify(fixed_topics: ColumnElement[str], commands: Any, *event_ctes: Any) -> Any:
+    """NOTIFY the fixed topics, the workers that got commands and the event audiences; sent
+    only when this statement commits, evaluated only when it produced rows."""
+    listed = union(
+        select(fixed_topics.label("topic")),
+        select(literal("worker:", String()) + commands.c.worker_name),
+        *(select(event_cte.c.audience) for event_cte in event_ctes),
+    ).subquery()
+    return select(func.pg_notify(CHANNEL, func.string_agg(listed.c.topic, " "))).scalar_subquery()
 
 
 async def reserve_in_one_statement(
@@ -159,6 +271,8 @@ async def reserve_in_one_statement(
     is queued; else None, having changed nothing."""
     needed = len(device_ids) or count
     params: dict[str, Any] = {
+        "p_lease_seconds": (end_time - now).total_seconds(),
+        "p_end_time_iso": iso(end_time),
         "p_reservation_id": reservation_id,
         "p_client_id": client_id,
         "p_mode": mode,
@@ -201,26 +315,24 @@ def _state_after_release_sql() -> ColumnElement[str]:
 
 @functools.lru_cache(maxsize=1)
 def _release_statement() -> Select[Any]:
+    """End one reservation of the caller's whole, with its outbox rows, in one statement."""
     target = (
-        select(reservations.c.id)
+        select(reservations.c.id, reservations.c.client_id)
         .where(
-            reservations.c.id.in_(bindparam("p_ids", expanding=True)),
+            reservations.c.id == bindparam("p_reservation_id", type_=String()),
             reservations.c.client_id == bindparam("p_client_id", type_=String()),
             reservations.c.state == ReservationState.ACTIVE.value,
         )
         .with_for_update()
         .cte("target")
     )
-    all_mine = select(func.count()).select_from(target).scalar_subquery() == bindparam(
-        "p_expected", type_=Integer()
-    )
     reason = bindparam("p_reason", type_=String())
     now = bindparam("p_now", type_=UtcDateTime())
     ended = (
         update(reservations)
-        .where(reservations.c.id == target.c.id, all_mine)
+        .where(reservations.c.id == target.c.id)
         .values(state=ReservationState.ENDED.value, end_reason=reason, ended_time=now)
-        .returning(reservations.c.id)
+        .returning(reservations.c.id, reservations.c.client_id)
         .cte("ended")
     )
     unlinked = (
@@ -237,35 +349,78 @@ def _release_statement() -> Select[Any]:
         update(devices)
         .where(devices.c.id == unlinked.c.device_id)
         .values(state=_state_after_release_sql(), state_time=now, reservation_id=None)
-        .returning(devices.c.id)
+        .returning(devices.c.id, devices.c.worker_name)
         .cte("freed")
+    )
+    commands = _insert_commands(
+        freed,
+        CommandType.RELEASE_DEVICE,
+        func.jsonb_build_object(
+            "device_id", freed.c.id,
+            "reservation_id", bindparam("p_reservation_id", type_=String()),
+        ),
+    )  # fmt: skip
+    payload = func.jsonb_build_object(
+        "reservation_id", bindparam("p_reservation_id", type_=String()),
+        "device_ids", _sorted_ids(unlinked.c.device_id),
+        "reason", reason,
+        "reservation_closed", literal(True),
+    )  # fmt: skip
+    client_event = _insert_event(
+        ended,
+        literal("client:", String()) + bindparam("p_client_id", type_=String()),
+        EventType.RESERVATION_ENDED,
+        payload,
+    )
+    operator_event = _insert_event(
+        ended,
+        literal(OPERATOR, String()),
+        EventType.RESERVATION_ENDED,
+        payload.op("||")(
+            func.jsonb_build_object("client_id", bindparam("p_client_id", type_=String()))
+        ),
+    )
+    queued = exists().where(waiters.c.state == WAITING)
+    notified = (
+        select(_notify(literal(DEVICES, String()), commands, client_event, operator_event))
+        .select_from(ended)
+        .scalar_subquery()
     )
     return select(
         select(func.count()).select_from(ended).scalar_subquery().label("ended"),
         select(func.array_agg(freed.c.id)).scalar_subquery().label("freed"),
-        exists().where(waiters.c.state == WAITING).label("queued"),
+        select(func.array_agg(func.distinct(freed.c.worker_name)))
+        .scalar_subquery()
+        .label("workers"),
+        queued.label("queued"),
+        notified.label("notified"),
     )
+
+
+@dataclass(frozen=True)
+class Released:
+    device_ids: list[str]
+    workers: list[str]
+    queued: bool
 
 
 async def release_in_one_statement(
     conn: AsyncConnection,
     *,
     client_id: str,
-    reservation_ids: Sequence[str],
+    reservation_id: str,
     reason: str,
     now: datetime,
-) -> tuple[list[str], bool] | None:
-    """End the caller's active reservations `reservation_ids` whole: (device ids let go,
-    whether anybody is queued). None, changing nothing, unless all are the caller's and active."""
-    ids = list(reservation_ids)
+) -> Released | None:
+    """End the caller's active reservation whole. None, changing nothing, unless it is the
+    caller's and active."""
     params = {
-        "p_ids": ids,
+        "p_reservation_id": reservation_id,
         "p_client_id": client_id,
-        "p_expected": len(ids),
         "p_reason": reason,
         "p_now": now,
     }
     row = (await conn.execute(_release_statement(), params)).one()
-    if row.ended != len(ids):
+    if row.ended != 1:
         return None
-    return list(row.freed or []), bool(row.queued)
+    return Released(sorted(row.freed or []), list(row.workers or []), bool(row.queued))

@@ -179,8 +179,24 @@ worker_commands = Table(
     Column("create_time", UtcDateTime, nullable=False),
     Column("sent_time", UtcDateTime, nullable=True),
     Column("done_time", UtcDateTime, nullable=True),
+    # When a SENT command without a result counts as timed out.
+    Column("deadline", UtcDateTime, nullable=True),
     Column("error", Text, nullable=False, default=""),
     Index("ix_worker_commands_worker_state", "worker_name", "state", "id"),
+)
+
+client_sessions = Table(
+    "client_sessions",
+    metadata,
+    Column("client_id", String(256), primary_key=True),
+    # The replica holding the client's Session stream now; NULL while it has none.
+    Column("replica_id", String(64), nullable=True),
+    Column("session_generation", Integer, nullable=False, default=0),
+    Column("connect_time", UtcDateTime, nullable=True),
+    Column("disconnect_time", UtcDateTime, nullable=True),
+    Column("last_seen_time", UtcDateTime, nullable=False),
+    # The highest event sequence sent on a Session (resume point for Hello without one).
+    Column("delivered_sequence", BigInteger, nullable=False, default=0),
 )
 
 api_tokens = Table(

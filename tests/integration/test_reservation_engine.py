@@ -45,10 +45,12 @@ def clock() -> SteppedClock:
 
 @pytest.fixture
 async def engine(database: Database, clock: SteppedClock) -> AsyncIterator[ReservationEngine]:
-    timers = Timers(waiter_poll_interval=timedelta(milliseconds=200))
-    yield ReservationEngine(
+    timers = Timers(waiter_poll_interval=timedelta(seconds=30))  # wake-ups must do the work
+    engine = ReservationEngine(
         database, signer=TokenSigner(b"k" * 32), clock=clock, timers=timers, limits=Limits()
     )
+    database.on_commit = engine.notifier.wake
+    yield engine
 
 
 def spec(
