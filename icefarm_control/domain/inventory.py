@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from icefarm_control.domain import paging
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.errors import InvalidArgument, NotFound, Reason
 from icefarm_control.domain.reservations import ReservationEngine
@@ -36,17 +37,12 @@ class Inventory:
         self.clock = clock
         self.limits = limits
 
-    def _page_size(self, page_size: int) -> int:
-        if page_size < 0:
-            raise InvalidArgument("page_size", "must not be negative")
-        return min(page_size or self.limits.default_page_size, self.limits.max_page_size)
-
     async def list_devices(
         self, selector_text: str, state: DeviceState | None, page_size: int, page_token: str
     ) -> DevicePage:
         """Devices matching a selector (and a state), ordered by id; page_token is the last id."""
         selector = parse_selector(selector_text)
-        size = self._page_size(page_size)
+        size = paging.page_size(page_size, self.limits)
         async with self.db.read() as conn:
             rows = await q.list_devices(
                 conn, selector=selector, state=state, limit=size + 1, after_id=page_token
@@ -64,7 +60,7 @@ class Inventory:
         return device
 
     async def list_workers(self, page_size: int, page_token: str) -> WorkerPage:
-        size = self._page_size(page_size)
+        size = paging.page_size(page_size, self.limits)
         async with self.db.read() as conn:
             rows = await q.list_workers(conn, limit=size + 1, after_name=page_token)
         token = rows[size - 1].name if len(rows) > size else ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import uuid
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -14,7 +13,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from icefarm_control.domain import events
+from icefarm_control.domain import paging, reservation_log
 from icefarm_control.domain.allocation import Demand, plan_allocation
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.errors import (
@@ -24,7 +23,6 @@ from icefarm_control.domain.errors import (
     PermissionDenied,
     Reason,
 )
-from icefarm_control.domain.events import CommandType, EventType
 from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Limits, Timers
@@ -228,28 +226,7 @@ class ReservationEngine:
             end_time=row.end_time,
             request_id=spec.request_id,
         )
-        for device in taken:
-            payload = events.prepare_device(
-                device_id=device.id,
-                reservation_id=row.id,
-                client_id=client_id,
-                mode=spec.mode,
-                mode_args=spec.mode_args,
-                lease_seconds=spec.lease.total_seconds(),
-            )
-            await outbox.append_command(
-                conn, device.worker, CommandType.PREPARE_DEVICE, payload, now, device_id=device.id
-            )
-        created = events.reservation_created(
-            reservation_id=row.id,
-            client_id=client_id,
-            device_ids=[d.id for d in taken],
-            mode=spec.mode,
-            end_time=row.end_time,
-        )
-        await outbox.append_event(
-            conn, outbox.OPERATOR, EventType.RESERVATION_CREATED, created, now
-        )
+        await reservation_log.record_created(conn, row, spec.lease.total_seconds(), now)
         log.debug("reserved", reservation=row.id, client=client_id, devices=[d.id for d in taken])
         return row
 
@@ -499,34 +476,9 @@ class ReservationEngine:
                 await q.end_reservation(conn, row.id, reason.value, now)
                 ended.append(row.id)
                 log.debug("reservation ended", reservation=row.id, reason=reason.value)
-            await self._record_release(conn, row, [held[d] for d in letting_go], reason, closed)
+            letting_go_rows = [held[d] for d in letting_go]
+            await reservation_log.record_release(conn, row, letting_go_rows, reason, closed, now)
         return ReleaseOutcome(released, ended)
-
-    async def _record_release(
-        self,
-        conn: AsyncConnection,
-        row: ReservationRow,
-        devices: Sequence[ReservedDeviceRow],
-        reason: EndReason,
-        closed: bool,
-    ) -> None:
-        """The outbox side of letting devices go: tell the holder, the operators and the
-        workers (which reset their boards), and wake whoever waits for free devices."""
-        now = self.clock.now()
-        payload = events.reservation_ended(
-            reservation_id=row.id, device_ids=[d.id for d in devices], reason=reason, closed=closed
-        )
-        ended = EventType.RESERVATION_ENDED
-        await outbox.append_event(conn, outbox.client_audience(row.client_id), ended, payload, now)
-        await outbox.append_event(
-            conn, outbox.OPERATOR, ended, {**payload, "client_id": row.client_id}, now
-        )
-        for device in devices:
-            command = events.release_device(device_id=device.id, reservation_id=row.id)
-            await outbox.append_command(
-                conn, device.worker, CommandType.RELEASE_DEVICE, command, now, device_id=device.id
-            )
-        outbox.touch(conn, outbox.DEVICES)
 
     async def end_reservations(
         self,
@@ -588,11 +540,6 @@ class ReservationEngine:
             await self._serve_if_queued(conn, now)
         return due
 
-    async def seconds_until_next_expiry(self) -> float | None:
-        async with self.db.read() as conn:
-            end = await q.next_end_time(conn)
-        return None if end is None else (end - self.clock.now()).total_seconds()
-
     async def tidy_waiters(self) -> None:
         """Withdraw queue entries whose caller vanished (past their deadline) and prune old ones."""
         now = self.clock.now()
@@ -641,21 +588,15 @@ class ReservationEngine:
             updated = await q.get_reservations(conn, active)
             before = {r.id: r.end_time for r in rows}
             for row in updated:
-                if row.end_time == before[row.id]:
-                    continue
-                payload = events.reservation_extended(reservation_id=row.id, end_time=row.end_time)
-                extended = EventType.RESERVATION_EXTENDED
-                await outbox.append_event(
-                    conn, outbox.client_audience(row.client_id), extended, payload, now
-                )
-                await outbox.append_event(conn, outbox.OPERATOR, extended, payload, now)
+                if row.end_time != before[row.id]:
+                    await reservation_log.record_extended(conn, row, now)
         return [self.grant(r) for r in updated]
 
     async def list_reservations(
         self, client_id: str | None, *, include_ended: bool, page_size: int, page_token: str
     ) -> Page:
-        size = self._page_size(page_size)
-        before = _decode_page_token(page_token)
+        size = paging.page_size(page_size, self.limits)
+        before = paging.decode_time_token(page_token)
         async with self.db.read() as conn:
             rows = await q.list_reservations(
                 conn,
@@ -664,13 +605,9 @@ class ReservationEngine:
                 limit=size + 1,
                 before=before,
             )
-        token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
+        last = rows[size - 1] if len(rows) > size else None
+        token = paging.encode_time_token(last.create_time, last.id) if last else ""
         return Page(rows[:size], token)
-
-    def _page_size(self, page_size: int) -> int:
-        if page_size < 0:
-            raise InvalidArgument("page_size", "must not be negative")
-        return min(page_size or self.limits.default_page_size, self.limits.max_page_size)
 
     async def availability(self, selector_text: str) -> list[str]:
         selector = parse_selector(selector_text)
@@ -686,18 +623,3 @@ def _as_reserved(device: DeviceRow) -> ReservedDeviceRow:
         kind=device.kind,
         reset_on_release=device.reset_on_release,
     )
-
-
-def _encode_page_token(row: ReservationRow) -> str:
-    raw = f"{row.create_time.isoformat()}|{row.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_page_token(token: str) -> tuple[datetime, str] | None:
-    if not token:
-        return None
-    try:
-        time_text, rid = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(time_text), rid
-    except ValueError as exc:
-        raise InvalidArgument("page_token", "not a token this server issued") from exc

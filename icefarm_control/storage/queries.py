@@ -536,14 +536,6 @@ async def due_reservation_ids(conn: AsyncConnection, now: datetime, limit: int) 
     return [r.id for r in await conn.execute(query)]
 
 
-async def next_end_time(conn: AsyncConnection) -> datetime | None:
-    query = select(func.min(reservations.c.end_time)).where(
-        reservations.c.state == ReservationState.ACTIVE.value
-    )
-    value: datetime | None = (await conn.execute(query)).scalar()
-    return value
-
-
 # ---------------------------------------------------------------- waiters
 
 
