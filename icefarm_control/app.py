@@ -14,17 +14,22 @@ import structlog
 from grpc_health.v1 import health
 
 from icefarm_control.config import ControlConfig
+from icefarm_control.domain.clients import ClientSessions
 from icefarm_control.domain.clock import SystemClock
 from icefarm_control.domain.inventory import Inventory
+from icefarm_control.domain.liveness import WorkerLiveness
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
 from icefarm_control.domain.tokens import TokenSigner
+from icefarm_control.domain.workers import WorkerRegistry
 from icefarm_control.notifier import Notifier, PostgresListener, stop_task
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
+from icefarm_control.transport.client_session import ClientSessionHandler
 from icefarm_control.transport.control import ControlServicer
 from icefarm_control.transport.reservations import ReservationServicer
 from icefarm_control.transport.server import build_server, mark_serving
+from icefarm_control.transport.worker_session import WorkerSessionHandler
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +42,11 @@ class ControlApp:
     port: int = 0
     database: Database = field(init=False)
     engine: ReservationEngine = field(init=False)
+    workers: WorkerRegistry = field(init=False)
+    liveness: WorkerLiveness = field(init=False)
+    worker_sessions: WorkerSessionHandler = field(init=False)
+    clients: ClientSessions = field(init=False)
+    sessions: ClientSessionHandler = field(init=False)
     _server: grpc.aio.Server | None = field(init=False, default=None)
     _health: health.aio.HealthServicer | None = field(init=False, default=None)
     _timers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
@@ -68,9 +78,20 @@ class ControlApp:
             notifier=self.notifier,
         )
         inventory = Inventory(self.database, self.engine, clock, self.engine.limits)
+        timers, limits, replica = self.engine.timers, self.engine.limits, self.engine.replica_id
+        self.workers = WorkerRegistry(self.database, self.engine, clock, timers, limits, replica)
+        self.liveness = WorkerLiveness(self.database, self.engine, clock, timers)
+        self.worker_sessions = WorkerSessionHandler(self.workers, self.notifier)
+        self.clients = ClientSessions(self.engine)
+        self.sessions = ClientSessionHandler.for_engine(self.engine, self.clients)
         self._server, self._health, self.port = build_server(
-            ReservationServicer(self.engine),
-            ControlServicer(self.engine, inventory),
+            ReservationServicer(self.engine, sessions=self.sessions),
+            ControlServicer(
+                self.engine,
+                inventory,
+                workers=self.workers,
+                worker_sessions=self.worker_sessions,
+            ),
             self.config.listen,
         )
         await self._server.start()
@@ -83,6 +104,14 @@ class ControlApp:
                 )
             ),
             asyncio.create_task(self._every(5.0, self.engine.tidy_waiters)),
+            # Worker liveness, command time-outs and drains (domain/liveness.py).
+            asyncio.create_task(self._every(1.0, self.liveness.sweep_liveness)),
+            asyncio.create_task(self._every(1.0, self.liveness.time_out_commands)),
+            asyncio.create_task(self._every(1.0, self.liveness.check_drains)),
+            asyncio.create_task(self._every(1.0, self.clients.sweep_client_liveness)),
+            asyncio.create_task(self._every(1.0, self.clients.sweep_ending_soon)),
+            asyncio.create_task(self._every(60.0, self.clients.prune_events)),
+            asyncio.create_task(self._every(self.sessions.upkeep_interval, self.sessions.upkeep)),
         ]
         log.info(
             "control serving",
@@ -113,7 +142,14 @@ class ControlApp:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
+            # Streams first: told to reconnect elsewhere, they record their disconnect.
+            await self.sessions.shut_down(self.config.shutdown_grace.total_seconds())
+            await self.worker_sessions.shut_down(self.config.shutdown_grace.total_seconds())
             await self._server.stop(self.config.shutdown_grace.total_seconds())
+        if self._timers:
+            # Each timer finishes the job in hand: a database call cancelled half-way leaves
+            # its pooled connection unusable (and logs a spurious failure).
+            await asyncio.wait(self._timers, timeout=self.config.shutdown_grace.total_seconds())
         for task in self._timers:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)

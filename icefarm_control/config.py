@@ -114,6 +114,26 @@ SETTINGS: tuple[Setting, ...] = (
         "how long a client's reservations survive without a Session (0 disables)",
     ),
     Setting(
+        "event_retention",
+        parse_duration,
+        "how long events stay in the outbox for clients and dashboards to resume from",
+    ),
+    Setting(
+        "command_timeout",
+        parse_duration,
+        "how long a worker may take to answer a command before its device is broken",
+    ),
+    Setting(
+        "handshake_timeout",
+        parse_duration,
+        "how long a new WorkerSession may take to send Register",
+    ),
+    Setting(
+        "drain_timeout",
+        parse_duration,
+        "how long a drain waits for reservations when none is given",
+    ),
+    Setting(
         "shutdown_grace",
         parse_duration,
         "on SIGTERM, how long in-flight calls may finish",
@@ -140,6 +160,10 @@ class ControlConfig:
     offline_timeout: timedelta = _T.offline_timeout
     worker_grace: timedelta = _T.worker_grace
     client_grace: timedelta = _T.client_grace
+    event_retention: timedelta = _T.event_retention
+    command_timeout: timedelta = _T.command_timeout
+    handshake_timeout: timedelta = _T.handshake_timeout
+    drain_timeout: timedelta = _T.drain_timeout
     shutdown_grace: timedelta = timedelta(seconds=10)
     token_key: str = ""
     db_pool_size: int = 10
@@ -153,6 +177,10 @@ class ControlConfig:
             offline_timeout=self.offline_timeout,
             worker_grace=self.worker_grace,
             client_grace=self.client_grace,
+            event_retention=self.event_retention,
+            command_timeout=self.command_timeout,
+            handshake_timeout=self.handshake_timeout,
+            drain_timeout=self.drain_timeout,
         )
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from icefarm_control.storage.records import DeviceRow, WorkerRow
 
 
 class EventType(enum.StrEnum):
@@ -97,3 +100,82 @@ def prepare_device(
 
 def release_device(*, device_id: str, reservation_id: str) -> dict[str, Any]:
     return {"device_id": device_id, "reservation_id": reservation_id}
+
+
+def reservation_ending_soon(*, reservation_id: str, end_time: datetime) -> dict[str, Any]:
+    return {"reservation_id": reservation_id, "end_time": iso(end_time)}
+
+
+def device_ready(*, reservation_id: str, device_id: str, worker_endpoint: str) -> dict[str, Any]:
+    return {
+        "reservation_id": reservation_id,
+        "device_id": device_id,
+        "worker_endpoint": worker_endpoint,
+    }
+
+
+def device_failed(*, reservation_id: str, device_id: str, error: str) -> dict[str, Any]:
+    return {"reservation_id": reservation_id, "device_id": device_id, "error": error}
+
+
+def worker_draining(
+    *, worker: str, device_ids: Sequence[str], reservation_ids: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        "worker": worker,
+        "device_ids": sorted(device_ids),
+        "reservation_ids": sorted(set(reservation_ids)),
+    }
+
+
+def device_changed(device: DeviceRow) -> dict[str, Any]:
+    """The operator feed's view of a device (icefarm.v1.DeviceChanged)."""
+    return {
+        "device": {
+            "id": device.id,
+            "worker": device.worker,
+            "kind": device.kind,
+            "state": device.state,
+            "labels": dict(device.labels),
+            "properties": dict(device.properties),
+            "state_time": iso(device.state_time),
+            "error": device.error,
+            "worker_endpoint": device.worker_endpoint,
+            "reservation_id": device.reservation_id or "",
+            "holder": device.holder,
+            "reset_on_release": device.reset_on_release,
+        }
+    }
+
+
+def worker_changed(worker: WorkerRow) -> dict[str, Any]:
+    """The operator feed's view of a worker (icefarm.v1.WorkerChanged)."""
+    return {
+        "worker": {
+            "name": worker.name,
+            "endpoint": worker.endpoint,
+            "version": worker.version,
+            "modes": list(worker.modes),
+            "labels": dict(worker.labels),
+            "state": worker.state,
+            "last_seen_time": iso(worker.last_seen_time),
+            "device_count": worker.device_count,
+        }
+    }
+
+
+def reboot_device(*, device_id: str) -> dict[str, Any]:
+    return {"device_id": device_id}
+
+
+def remove_device(*, device_id: str) -> dict[str, Any]:
+    return {"device_id": device_id}
+
+
+def drain(*, timeout: timedelta) -> dict[str, Any]:
+    """Durations travel as seconds (a number), as everywhere in the outbox."""
+    return {"timeout": timeout.total_seconds()}
+
+
+def drain_complete() -> dict[str, Any]:
+    return {}

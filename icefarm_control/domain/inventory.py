@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icefarm_control.domain import paging
+from icefarm_control.domain import events, paging
 from icefarm_control.domain.clock import Clock
+from icefarm_control.domain.device_changes import device_changed
 from icefarm_control.domain.errors import InvalidArgument, NotFound, Reason
+from icefarm_control.domain.events import CommandType
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Limits
 from icefarm_control.domain.states import DeviceState, EndReason, check_transition
+from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.records import DeviceRow, WorkerRow
@@ -73,11 +76,21 @@ class Inventory:
             await self.engine.end_reservations(
                 device_ids=[device_id], reason=EndReason.DEVICE_REMOVED
             )
+        now = self.clock.now()
         async with self.db.write() as conn:
             current = await q.get_device(conn, device_id)
             assert current is not None
             check_transition(device_id, DeviceState(current.state), DeviceState.REMOVED)
             await q.set_device_state(
-                conn, [device_id], DeviceState.REMOVED, self.clock.now(), clear_reservation=True
+                conn, [device_id], DeviceState.REMOVED, now, clear_reservation=True
             )
-        return await self.get_device(device_id)
+            # The worker stops using the board; the operators see it go.
+            await outbox.append_command(
+                conn,
+                current.worker,
+                CommandType.REMOVE_DEVICE,
+                events.remove_device(device_id=device_id),
+                now,
+                device_id=device_id,
+            )
+            return await device_changed(conn, device_id, now)

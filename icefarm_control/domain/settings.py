@@ -20,6 +20,14 @@ class Timers:
     lease_scan_interval: timedelta = timedelta(seconds=0.5)
     # A waiting Reserve re-reads its queue entry this often even without a wake-up.
     waiter_poll_interval: timedelta = timedelta(seconds=1)
+    # Events older than this are pruned from the outbox (a client resuming later misses them).
+    event_retention: timedelta = timedelta(hours=24)
+    # A command sent to a worker and not answered within this breaks its device.
+    command_timeout: timedelta = timedelta(seconds=60)
+    # A WorkerSession must send Register within this of opening.
+    handshake_timeout: timedelta = timedelta(seconds=5)
+    # How long a drain waits for reservations when the request names no timeout.
+    drain_timeout: timedelta = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)

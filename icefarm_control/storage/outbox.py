@@ -149,7 +149,7 @@ async def append_command(
     return correlation_id
 
 
-def _command_row(r: Any) -> CommandRow:
+def command_row(r: Any) -> CommandRow:
     return CommandRow(
         id=r.id,
         correlation_id=r.correlation_id,
@@ -173,7 +173,7 @@ async def pending_commands(
         .order_by(worker_commands.c.id)
         .limit(limit)
     )
-    return [_command_row(r) for r in await conn.execute(query)]
+    return [command_row(r) for r in await conn.execute(query)]
 
 
 async def mark_sent(
@@ -202,7 +202,7 @@ async def complete_command(
             .returning(*worker_commands.c)
         )
     ).first()
-    return _command_row(row) if row else None
+    return command_row(row) if row else None
 
 
 async def time_out_commands(conn: AsyncConnection, now: datetime) -> list[CommandRow]:
@@ -215,7 +215,7 @@ async def time_out_commands(conn: AsyncConnection, now: datetime) -> list[Comman
             .returning(*worker_commands.c)
         )
     ).all()
-    return [_command_row(r) for r in rows]
+    return [command_row(r) for r in rows]
 
 
 async def requeue_sent_commands(conn: AsyncConnection, worker: str) -> None:

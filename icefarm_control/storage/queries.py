@@ -129,7 +129,7 @@ async def set_device_state(
     await conn.execute(update(devices).where(devices.c.id.in_(device_ids)).values(**values))
 
 
-def _device_select() -> Select[Any]:
+def device_select() -> Select[Any]:
     return (
         select(
             devices,
@@ -142,7 +142,7 @@ def _device_select() -> Select[Any]:
     )
 
 
-def _device_row(row: Any) -> DeviceRow:
+def device_row(row: Any) -> DeviceRow:
     return DeviceRow(
         id=row.id,
         worker=row.worker_name,
@@ -161,8 +161,8 @@ def _device_row(row: Any) -> DeviceRow:
 
 
 async def get_device(conn: AsyncConnection, device_id: str) -> DeviceRow | None:
-    row = (await conn.execute(_device_select().where(devices.c.id == device_id))).first()
-    return _device_row(row) if row else None
+    row = (await conn.execute(device_select().where(devices.c.id == device_id))).first()
+    return device_row(row) if row else None
 
 
 async def list_devices(
@@ -173,7 +173,7 @@ async def list_devices(
     limit: int | None = None,
     after_id: str = "",
 ) -> list[DeviceRow]:
-    query = _device_select().order_by(devices.c.id)
+    query = device_select().order_by(devices.c.id)
     if selector is not None and not selector.is_empty:
         query = query.where(selector_clause(selector))
     if state is not None:
@@ -182,7 +182,7 @@ async def list_devices(
         query = query.where(devices.c.id > after_id)
     if limit is not None:
         query = query.limit(limit)
-    return [_device_row(r) for r in await conn.execute(query)]
+    return [device_row(r) for r in await conn.execute(query)]
 
 
 async def existing_device_ids(conn: AsyncConnection, device_ids: Iterable[str]) -> set[str]:
@@ -288,12 +288,12 @@ async def lock_free_devices(conn: AsyncConnection) -> list[DeviceRow]:
     """Every free device, locked (waiting for other transactions' locks), least recently used
     first: what fair planning works from. Call lock_allocation first."""
     query = (
-        _device_select()
+        device_select()
         .where(_free_condition())
         .order_by(devices.c.state_time, devices.c.id)
         .with_for_update(of=devices)
     )
-    return [_device_row(r) for r in await conn.execute(query)]
+    return [device_row(r) for r in await conn.execute(query)]
 
 
 async def count_free_devices(conn: AsyncConnection, selector: Selector | None) -> list[str]:

@@ -1,4 +1,4 @@
-"""ControlService: the operator RPCs (the worker stream arrives with the live-streams work)."""
+"""ControlService: the operator RPCs and the worker stream (transport/worker_session.py)."""
 
 from __future__ import annotations
 
@@ -11,25 +11,29 @@ from icefarm.v1 import control_service_pb2 as pb
 from icefarm.v1 import control_service_pb2_grpc as pb_grpc
 from icefarm_control.domain.inventory import Inventory
 from icefarm_control.domain.reservations import ReservationEngine
+from icefarm_control.domain.workers import WorkerRegistry
 from icefarm_control.transport import convert
-from icefarm_control.transport.errors import abort, to_status, translate_errors
+from icefarm_control.transport.errors import translate_errors
 from icefarm_control.transport.identity import caller_identity
+from icefarm_control.transport.watch import watch_events
+from icefarm_control.transport.worker_session import WorkerSessionHandler
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _not_yet(name: str) -> grpc.Status:
-    return to_status(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"{name} is not served yet (it arrives with the live-streams work)",
-        "UNIMPLEMENTED",
-    )
-
-
 class ControlServicer(pb_grpc.ControlServiceServicer):
-    def __init__(self, engine: ReservationEngine, inventory: Inventory) -> None:
+    def __init__(
+        self,
+        engine: ReservationEngine,
+        inventory: Inventory,
+        *,
+        workers: WorkerRegistry,
+        worker_sessions: WorkerSessionHandler,
+    ) -> None:
         self.engine = engine
         self.inventory = inventory
+        self.workers = workers
+        self.worker_sessions = worker_sessions
 
     @translate_errors
     async def ListWorkers(
@@ -107,24 +111,32 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         device = await self.inventory.remove_device(request.device_id)
         return pb.RemoveDeviceResponse(device=convert.device(device))
 
+    @translate_errors
     async def RebootDevice(
         self, request: pb.RebootDeviceRequest, context: Context
     ) -> pb.RebootDeviceResponse:
-        await abort(context, _not_yet("RebootDevice"))
+        caller_identity(context, required=False)
+        device = await self.workers.reboot_device(request.device_id)
+        return pb.RebootDeviceResponse(device=convert.device(device))
 
+    @translate_errors
     async def DrainWorker(
         self, request: pb.DrainWorkerRequest, context: Context
     ) -> pb.DrainWorkerResponse:
-        await abort(context, _not_yet("DrainWorker"))
+        caller_identity(context, required=False)
+        timeout = convert.optional_duration("timeout", request.timeout, request.HasField("timeout"))
+        worker = await self.workers.drain(request.worker, timeout, tell_worker=True)
+        return pb.DrainWorkerResponse(worker=convert.worker(worker))
 
     async def WorkerSession(
         self, request_iterator: AsyncIterator[pb.WorkerSessionRequest], context: Context
     ) -> AsyncIterator[pb.WorkerSessionResponse]:
-        await abort(context, _not_yet("WorkerSession"))
-        yield pb.WorkerSessionResponse()  # pragma: no cover - makes this an async generator
+        async for response in self.worker_sessions.serve(request_iterator, context):
+            yield response
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        await abort(context, _not_yet("WatchEvents"))
-        yield pb.WatchEventsResponse()  # pragma: no cover - makes this an async generator
+        feed = watch_events(self.engine.db, self.engine.notifier, request, context)
+        async for response in feed:
+            yield response

@@ -12,15 +12,19 @@ from icefarm.v1 import reservation_service_pb2_grpc as pb_grpc
 from icefarm_control.domain.requests import check_reserve
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.transport import convert
-from icefarm_control.transport.errors import abort, to_status, translate_errors
+from icefarm_control.transport.client_session import ClientSessionHandler
+from icefarm_control.transport.errors import translate_errors
 from icefarm_control.transport.identity import caller_identity
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ReservationServicer(pb_grpc.ReservationServiceServicer):
-    def __init__(self, engine: ReservationEngine) -> None:
+    def __init__(
+        self, engine: ReservationEngine, *, sessions: ClientSessionHandler | None = None
+    ) -> None:
         self.engine = engine
+        self.sessions = sessions or ClientSessionHandler.for_engine(engine)
 
     @translate_errors
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
@@ -102,12 +106,5 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: Context
     ) -> AsyncIterator[pb.SessionResponse]:
-        await abort(
-            context,
-            to_status(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Session is not served yet (it arrives with the live-streams work)",
-                "UNIMPLEMENTED",
-            ),
-        )
-        yield pb.SessionResponse()  # pragma: no cover - makes this an async generator
+        async for response in self.sessions.serve(request_iterator, context):
+            yield response

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2
+from icefarm_control.storage import outbox
 from icefarm_control.storage.testing import register_device, register_worker, seed_farm
 from tests.grpc_errors import bad_fields_of, reason_of
 from tests.integration.conftest import RunningControl, as_client
@@ -320,12 +321,12 @@ async def test_remove_device_takes_it_from_its_holder(control: RunningControl) -
     lost = {d.id: d.released_reason for d in row.devices}
     assert lost[gone] == types_pb2.END_REASON_DEVICE_REMOVED
     assert row.state == types_pb2.RESERVATION_STATE_ACTIVE
-
-
-async def test_not_yet_served_rpcs_say_so(control: RunningControl) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await control.control.DrainWorker(cpb.DrainWorkerRequest(worker="w"))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    async with control.database.read() as conn:
+        commands = await outbox.pending_commands(conn, "worker-0")
+        feed = await outbox.events_after(conn, outbox.OPERATOR, 0)
+    assert [(c.type, c.device_id) for c in commands][-1] == ("remove_device", gone)
+    assert feed[-1].type == "device_changed"
+    assert feed[-1].payload["device"]["state"] == "REMOVED"
 
 
 async def _until_queued(control: RunningControl, n: int, timeout: float = 10) -> None:

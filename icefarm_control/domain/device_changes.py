@@ -1,0 +1,181 @@
+"""Writing a change to a device and everything it causes, inside the caller's transaction:
+the operator's `device_changed`, the holder's `device_ready`/`device_failed`, and the work
+that must wait for the commit (ending holds, serving the queue)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from icefarm_control.domain import events
+from icefarm_control.domain.device_reports import (
+    DeviceReport,
+    merge_labels,
+    merge_properties,
+)
+from icefarm_control.domain.errors import InvalidArgument
+from icefarm_control.domain.events import EventType
+from icefarm_control.domain.reservations import ReservationEngine
+from icefarm_control.domain.states import DeviceState, EndReason, can_transition
+from icefarm_control.storage import outbox
+from icefarm_control.storage import queries as q
+from icefarm_control.storage import worker_queries as wq
+from icefarm_control.storage.records import DeviceRow
+
+log = structlog.get_logger(__name__)
+# The engine's end_reservations takes at most this many device ids per call.
+_BATCH = 1000
+
+
+@dataclass
+class AfterCommit:
+    """What a transaction decided but the reservation engine must do in its own transaction."""
+
+    ended_holds: dict[EndReason, list[str]] = field(default_factory=lambda: defaultdict(list))
+    serve_waiters: bool = False
+
+    def end_hold(self, reason: EndReason, device_id: str) -> None:
+        self.ended_holds[reason].append(device_id)
+
+    async def finish(self, engine: ReservationEngine) -> None:
+        for reason, device_ids in self.ended_holds.items():
+            await end_holds(engine, device_ids, reason)
+        if self.serve_waiters and not self.ended_holds:
+            # end_reservations serves the queue itself.
+            await engine.serve_waiters()
+
+
+async def end_holds(engine: ReservationEngine, device_ids: list[str], reason: EndReason) -> None:
+    for start in range(0, len(device_ids), _BATCH):
+        batch = device_ids[start : start + _BATCH]
+        outcome = await engine.end_reservations(device_ids=batch, reason=reason)
+        if outcome.device_ids:
+            log.info("holds ended", reason=reason.value, devices=outcome.device_ids)
+
+
+async def store_report(
+    conn: AsyncConnection,
+    worker: str,
+    existing: DeviceRow | None,
+    report: DeviceReport,
+    state: DeviceState | None,
+    now: datetime,
+    after: AfterCommit,
+) -> None:
+    """Write what the report changes (labels and properties merge; `state` None keeps the
+    state) and record the events it causes. Nothing changed, nothing written."""
+    if existing is None:
+        if not report.kind:
+            raise InvalidArgument("device_update.kind", "is required for a new device")
+        new_state = state or DeviceState.DISCOVERED
+        values: dict[str, Any] = {
+            "worker_name": worker,
+            "kind": report.kind,
+            "labels": merge_labels({}, report.labels),
+            "properties": merge_properties({}, report.properties),
+            "state": new_state.value,
+            "state_time": now,
+            "error": report.error if new_state == DeviceState.BROKEN else "",
+            "reset_on_release": report.reset_on_release,
+        }
+        await wq.write_device(conn, report.device_id, exists_already=False, values=values)
+        await _record_change(conn, report.device_id, None, new_state, now, after)
+        return
+    current = DeviceState(existing.state)
+    new_state = state or current
+    values = _changed_values(existing, worker, report, new_state)
+    if new_state != current:
+        values.update(state=new_state.value, state_time=now)
+    if not values:
+        return
+    await wq.write_device(conn, existing.id, exists_already=True, values=values)
+    await _record_change(conn, existing.id, current, new_state, now, after)
+
+
+def _changed_values(
+    existing: DeviceRow, worker: str, report: DeviceReport, new_state: DeviceState
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    labels = merge_labels(existing.labels, report.labels)
+    if labels != existing.labels:
+        values["labels"] = labels
+    properties = merge_properties(existing.properties, report.properties)
+    if properties != existing.properties:
+        values["properties"] = properties
+    if report.kind and report.kind != existing.kind:
+        values["kind"] = report.kind
+    if existing.worker != worker:
+        values["worker_name"] = worker
+    if report.reset_on_release != existing.reset_on_release and report.kind:
+        # A report without a kind is a partial update that says nothing about resets.
+        values["reset_on_release"] = report.reset_on_release
+    # `error` says why a device is BROKEN; a board that recovered has none.
+    error = (report.error or existing.error) if new_state == DeviceState.BROKEN else ""
+    if error != existing.error:
+        values["error"] = error
+    return values
+
+
+async def break_device(
+    conn: AsyncConnection, device_id: str, error: str, now: datetime
+) -> DeviceRow | None:
+    """A command on the device failed or timed out: BROKEN with the reason, holder told.
+    Devices that are gone (offline, removed) are left alone."""
+    device = await wq.lock_device(conn, device_id)
+    if device is None:
+        return None
+    current = DeviceState(device.state)
+    if current in (DeviceState.OFFLINE, DeviceState.REMOVED) or not can_transition(
+        current, DeviceState.BROKEN
+    ):
+        return None
+    values = {"state": DeviceState.BROKEN.value, "state_time": now, "error": error}
+    await wq.write_device(conn, device_id, exists_already=True, values=values)
+    log.warning("device broken", device=device_id, error=error)
+    await _record_change(conn, device_id, current, DeviceState.BROKEN, now, AfterCommit())
+    return device
+
+
+async def device_changed(conn: AsyncConnection, device_id: str, now: datetime) -> DeviceRow:
+    """The operator's `device_changed` for the device as it is now; the device."""
+    device = await q.get_device(conn, device_id)
+    assert device is not None
+    payload = events.device_changed(device)
+    await outbox.append_event(conn, outbox.OPERATOR, EventType.DEVICE_CHANGED, payload, now)
+    return device
+
+
+async def _record_change(
+    conn: AsyncConnection,
+    device_id: str,
+    before: DeviceState | None,
+    after_state: DeviceState,
+    now: datetime,
+    after: AfterCommit,
+) -> None:
+    device = await device_changed(conn, device_id, now)
+    if after_state == before:
+        return
+    if after_state == DeviceState.AVAILABLE:
+        outbox.touch(conn, outbox.DEVICES)
+        after.serve_waiters = True
+    if device.reservation_id is None:
+        return
+    holder = outbox.client_audience(device.holder)
+    if after_state == DeviceState.READY:
+        payload = events.device_ready(
+            reservation_id=device.reservation_id,
+            device_id=device_id,
+            worker_endpoint=device.worker_endpoint,
+        )
+        await outbox.append_event(conn, holder, EventType.DEVICE_READY, payload, now)
+    elif after_state == DeviceState.BROKEN:
+        payload = events.device_failed(
+            reservation_id=device.reservation_id, device_id=device_id, error=device.error
+        )
+        await outbox.append_event(conn, holder, EventType.DEVICE_FAILED, payload, now)

@@ -1,0 +1,396 @@
+"""Workers: their sessions, what they report about their devices, and the commands they answer.
+
+One `WorkerRegistry` per replica. Everything it knows lives in the database (the worker row
+records which replica holds the session and its generation), so any replica can take any
+worker's stream, and the timers in domain/liveness.py may run on every replica.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from icefarm_control.domain import events
+from icefarm_control.domain.clock import Clock
+from icefarm_control.domain.device_changes import AfterCommit, break_device, store_report
+from icefarm_control.domain.device_reports import (
+    DeviceReport,
+    KnownDevice,
+    judge_reconnect,
+    judge_update,
+)
+from icefarm_control.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    Unavailable,
+)
+from icefarm_control.domain.events import CommandType
+from icefarm_control.domain.liveness import BREAKING_COMMANDS, finish_drains
+from icefarm_control.domain.reservations import ReservationEngine
+from icefarm_control.domain.settings import Limits, Timers
+from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
+from icefarm_control.storage import outbox
+from icefarm_control.storage import queries as q
+from icefarm_control.storage import worker_queries as wq
+from icefarm_control.storage.database import Database
+from icefarm_control.storage.records import DeviceRow, WorkerRow
+
+log = structlog.get_logger(__name__)
+_NAME = re.compile(r"^[\x21-\x7e]{1,128}$")
+MAX_DRAIN_TIMEOUT = timedelta(days=7)
+
+
+class SessionExpired(Unavailable):
+    """The stream's session was replaced by a newer one or timed out: register again."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    endpoint: str = ""
+    version: str = ""
+    modes: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    devices: tuple[DeviceReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class Session:
+    """One accepted WorkerSession: the stream keeps it and names it in every call."""
+
+    worker: str
+    generation: int
+    replica: str
+
+
+def check_registration(registration: Registration, limits: Limits) -> None:
+    if not _NAME.match(registration.name):
+        raise InvalidArgument("register.name", "must be 1-128 printable ASCII characters")
+    if len(registration.endpoint) > 256 or len(registration.version) > 64:
+        raise InvalidArgument("register.endpoint", "endpoint ≤ 256, version ≤ 64 characters")
+    seen: set[str] = set()
+    for report in registration.devices:
+        check_report(report, limits, field_name="register.devices")
+        if report.device_id in seen:
+            raise InvalidArgument("register.devices", f"device {report.device_id!r} twice")
+        seen.add(report.device_id)
+
+
+def check_report(report: DeviceReport, limits: Limits, field_name: str = "device_update") -> None:
+    if not report.device_id or len(report.device_id) > limits.max_id_length:
+        raise InvalidArgument(f"{field_name}.device_id", "must be 1-128 characters")
+    if len(report.kind) > 64:
+        raise InvalidArgument(f"{field_name}.kind", "must be at most 64 characters")
+
+
+class WorkerRegistry:
+    def __init__(
+        self,
+        database: Database,
+        engine: ReservationEngine,
+        clock: Clock,
+        timers: Timers,
+        limits: Limits,
+        replica_id: str,
+    ) -> None:
+        self.db = database
+        self.engine = engine
+        self.clock = clock
+        self.timers = timers
+        self.limits = limits
+        self.replica_id = replica_id
+
+    # ------------------------------------------------------------ sessions
+
+    async def register(self, registration: Registration) -> Session:
+        """Accept a worker's stream: refuse a second live session under its name, take over a
+        dead one, and reconcile its devices with what the database holds (ARCHITECTURE §7)."""
+        check_registration(registration, self.limits)
+        name = registration.name
+        now = self.clock.now()
+        after = AfterCommit()
+        async with self.db.write() as conn:
+            await wq.ensure_worker(conn, name, now)
+            row = await wq.lock_worker(conn, name)
+            assert row is not None
+            alive = row.last_seen_time > now - self.timers.offline_timeout
+            if row.session_replica is not None and alive and row.state != WorkerState.OFFLINE:
+                raise AlreadyExists(
+                    f"worker {name!r} already has a live session",
+                    reason=Reason.WORKER_ALREADY_CONNECTED,
+                )
+            # A drain survives a reconnect until it completes (the deadline is cleared then).
+            draining = row.state == WorkerState.DRAINING and row.drain_deadline is not None
+            generation = row.session_generation + 1
+            await wq.start_session(
+                conn,
+                name,
+                endpoint=registration.endpoint,
+                version=registration.version,
+                modes=registration.modes,
+                labels={k: v for k, v in registration.labels.items() if v},
+                state=WorkerState.DRAINING if draining else WorkerState.ONLINE,
+                replica=self.replica_id,
+                generation=generation,
+                drain_deadline=row.drain_deadline if draining else None,
+                now=now,
+            )
+            await outbox.requeue_sent_commands(conn, name)
+            await self._reconcile(conn, name, registration.devices, after)
+            await self._worker_changed(conn, name)
+            # Wakes the replaced stream (if any), which then finds it is no longer current.
+            outbox.touch(conn, outbox.worker_topic(name))
+        log.info("worker registered", worker=name, generation=generation)
+        await after.finish(self.engine)
+        return Session(name, generation, self.replica_id)
+
+    async def _reconcile(
+        self,
+        conn: AsyncConnection,
+        worker: str,
+        reports: Sequence[DeviceReport],
+        after: AfterCommit,
+    ) -> None:
+        now = self.clock.now()
+        known = {d.id: d for d in await wq.worker_devices(conn, worker)}
+        unanswered = await wq.open_commands(conn, worker)
+        prepares = _command_keys(unanswered, CommandType.PREPARE_DEVICE)
+        releases = _command_keys(unanswered, CommandType.RELEASE_DEVICE)
+        for report in reports:
+            existing = known.pop(report.device_id, None) or await wq.lock_device(
+                conn, report.device_id
+            )
+            holder = existing.reservation_id if existing else None
+            try:
+                if existing is not None and existing.worker != worker:
+                    _check_move(existing, worker)
+                judgement = judge_reconnect(
+                    _known(existing), report, prepare_pending=(report.device_id, holder) in prepares
+                )
+                await store_report(conn, worker, existing, report, judgement.state, now, after)
+            except (FailedPrecondition, InvalidArgument) as error:
+                log.warning("device not reconciled", worker=worker, error=error.message)
+                continue
+            if judgement.end_hold is not None:
+                after.end_hold(judgement.end_hold, report.device_id)
+            stale = judgement.release_reservation
+            if stale is not None and (report.device_id, stale) not in releases:
+                payload = events.release_device(device_id=report.device_id, reservation_id=stale)
+                await outbox.append_command(
+                    conn,
+                    worker,
+                    CommandType.RELEASE_DEVICE,
+                    payload,
+                    now,
+                    device_id=report.device_id,
+                )
+        # Devices it no longer reports were unplugged while it was away.
+        for device in known.values():
+            if device.state == DeviceState.REMOVED:
+                continue
+            gone = DeviceReport(device.id, state=DeviceState.REMOVED)
+            await store_report(conn, worker, device, gone, DeviceState.REMOVED, now, after)
+            if device.reservation_id is not None:
+                after.end_hold(EndReason.DEVICE_REMOVED, device.id)
+
+    async def end_session(self, session: Session) -> None:
+        """The stream ended: free the name at once (unless a newer session has it), so the
+        worker can reconnect without waiting for the offline timeout."""
+        async with self.db.write() as conn:
+            await wq.end_session(conn, session.worker, session.generation)
+        log.info("worker session ended", worker=session.worker, generation=session.generation)
+
+    async def heartbeat(self, session: Session) -> None:
+        async with self.db.write() as conn:
+            alive = await wq.record_heartbeat(
+                conn, session.worker, session.generation, self.clock.now()
+            )
+        if not alive:
+            raise SessionExpired(_expired(session))
+
+    async def _require_current(self, conn: AsyncConnection, session: Session) -> None:
+        if not await wq.session_is_current(
+            conn, session.worker, session.generation, session.replica
+        ):
+            raise SessionExpired(_expired(session))
+
+    # ------------------------------------------------------------ device reports
+
+    async def update_device(self, session: Session, report: DeviceReport) -> None:
+        """Apply one DeviceUpdate. IllegalTransition (nothing applied) when the state table
+        forbids it; a report about a hold that has since ended is ignored (see
+        domain/device_reports.py)."""
+        check_report(report, self.limits)
+        now = self.clock.now()
+        after = AfterCommit()
+        async with self.db.write() as conn:
+            await self._require_current(conn, session)
+            existing = await wq.lock_device(conn, report.device_id)
+            if existing is not None and existing.worker != session.worker:
+                _check_move(existing, session.worker)
+            judgement = judge_update(_known(existing), report)
+            await store_report(conn, session.worker, existing, report, judgement.state, now, after)
+            if judgement.end_hold is not None:
+                after.end_hold(judgement.end_hold, report.device_id)
+        await after.finish(self.engine)
+
+    # ------------------------------------------------------------ commands
+
+    async def take_commands(self, session: Session, limit: int = 100) -> list[outbox.CommandRow]:
+        """The worker's next PENDING commands, oldest first, marked SENT with a deadline.
+        SessionExpired when this stream no longer holds the worker's current session."""
+        async with self.db.read() as conn:
+            await self._require_current(conn, session)
+            if not await wq.has_pending_commands(conn, session.worker):
+                return []
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            # The worker row lock orders this against a Register replacing the session.
+            row = await wq.lock_worker(conn, session.worker)
+            current = (session.generation, session.replica, True)
+            if row is None or current != (
+                row.session_generation,
+                row.session_replica,
+                row.state != WorkerState.OFFLINE,
+            ):
+                raise SessionExpired(_expired(session))
+            commands = await outbox.pending_commands(conn, session.worker, limit)
+            await outbox.mark_sent(
+                conn, [c.id for c in commands], now, now + self.timers.command_timeout
+            )
+        return commands
+
+    async def command_result(
+        self, session: Session, correlation_id: str, *, ok: bool, error: str
+    ) -> None:
+        """Record the worker's answer; a failed prepare, release or reboot breaks the board."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            command = await outbox.complete_command(
+                conn, correlation_id, ok=ok, error=error, now=now
+            )
+            if command is None:
+                log.info("result for an unknown or finished command", worker=session.worker)
+                return
+            if not ok and command.type in BREAKING_COMMANDS and command.device_id:
+                reason = f"{command.type} failed: {error or 'no reason given'}"
+                await break_device(conn, command.device_id, reason, now)
+        if command.type == CommandType.RELEASE_DEVICE:
+            async with self.db.write() as conn:
+                await finish_drains(conn, now, session.worker)
+
+    async def reboot_device(self, device_id: str) -> DeviceRow:
+        """Operator: ask the device's worker to reboot it (sent down its stream)."""
+        if not device_id:
+            raise InvalidArgument("device_id", "is required")
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            device = await q.get_device(conn, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r}", reason=Reason.DEVICE_NOT_FOUND)
+            if device.state == DeviceState.REMOVED:
+                raise FailedPrecondition(f"device {device_id} is removed")
+            payload = events.reboot_device(device_id=device_id)
+            await outbox.append_command(
+                conn, device.worker, CommandType.REBOOT_DEVICE, payload, now, device_id=device_id
+            )
+        return device
+
+    # ------------------------------------------------------------ drain
+
+    async def drain(
+        self, worker: str, timeout: timedelta | None, *, tell_worker: bool
+    ) -> WorkerRow:
+        """No new reservations on the worker; every holder of its devices is told; once its
+        last reservation ends (or the timeout passes) it gets DrainComplete. `tell_worker`:
+        the operator asked, so the worker also gets a Drain command."""
+        if timeout is None or timeout <= timedelta(0):
+            timeout = self.timers.drain_timeout
+        if timeout > MAX_DRAIN_TIMEOUT:
+            raise InvalidArgument("timeout", "must be at most 7 days")
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            row = await wq.lock_worker(conn, worker)
+            if row is None:
+                raise NotFound(f"no worker {worker!r}", reason=Reason.WORKER_NOT_FOUND)
+            if row.state == WorkerState.OFFLINE:
+                raise FailedPrecondition(f"worker {worker} is offline")
+            already = row.state == WorkerState.DRAINING and row.drain_deadline is not None
+            deadline = now + timeout
+            if already and row.drain_deadline is not None:
+                deadline = min(deadline, row.drain_deadline)
+            await wq.set_draining(conn, worker, deadline)
+            if not already:
+                await self._tell_holders(conn, worker)
+            if tell_worker:
+                payload = events.drain(timeout=deadline - now)
+                await outbox.append_command(conn, worker, CommandType.DRAIN, payload, now)
+            changed = await self._worker_changed(conn, worker)
+        log.info("worker draining", worker=worker, deadline=deadline.isoformat())
+        return changed
+
+    async def _tell_holders(self, conn: AsyncConnection, worker: str) -> None:
+        held: dict[str, list[DeviceRow]] = defaultdict(list)
+        for device in await wq.worker_devices(conn, worker):
+            if device.reservation_id is not None:
+                held[device.holder].append(device)
+        for client_id, devices in sorted(held.items()):
+            payload = events.worker_draining(
+                worker=worker,
+                device_ids=[d.id for d in devices],
+                reservation_ids=[d.reservation_id or "" for d in devices],
+            )
+            await outbox.append_event(
+                conn,
+                outbox.client_audience(client_id),
+                events.EventType.WORKER_DRAINING,
+                payload,
+                self.clock.now(),
+            )
+
+    async def _worker_changed(self, conn: AsyncConnection, worker: str) -> WorkerRow:
+        row = await wq.get_worker(conn, worker)
+        assert row is not None
+        await outbox.append_event(
+            conn,
+            outbox.OPERATOR,
+            events.EventType.WORKER_CHANGED,
+            events.worker_changed(row),
+            self.clock.now(),
+        )
+        return row
+
+
+def _command_keys(commands: Sequence[outbox.CommandRow], kind: CommandType) -> set[tuple[str, str]]:
+    return {
+        (c.device_id or "", str(c.payload.get("reservation_id", "")))
+        for c in commands
+        if c.type == kind
+    }
+
+
+def _known(device: DeviceRow | None) -> KnownDevice | None:
+    if device is None:
+        return None
+    return KnownDevice(DeviceState(device.state), device.reservation_id, device.reset_on_release)
+
+
+def _check_move(device: DeviceRow, worker: str) -> None:
+    """A board may move to another worker only once its old worker let go of it."""
+    gone = device.state in (DeviceState.REMOVED, DeviceState.OFFLINE)
+    if not gone and device.worker_state != WorkerState.OFFLINE:
+        raise FailedPrecondition(f"device {device.id} belongs to worker {device.worker}")
+    log.info("device moved", device=device.id, old=device.worker, new=worker)
+
+
+def _expired(session: Session) -> str:
+    return f"the session of worker {session.worker!r} was replaced or timed out; register again"
