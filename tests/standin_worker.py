@@ -63,6 +63,10 @@ class StandinWorker:
         self.ignore = set(ignore)
         self.refuse = set(refuse)
         self.received: list[pb.WorkerCommand] = []
+        # Correlation ids already carried out: a command sent again after a reconnect is
+        # answered without doing it twice (the real worker does the same).
+        self.done: set[str] = set()
+        self.on_command: Callable[[pb.WorkerCommand], None] | None = None
         self.registered: pb.Registered | None = None
         self.heartbeats = True
         self.error: grpc.aio.AioRpcError | None = None
@@ -164,6 +168,8 @@ class StandinWorker:
                     return  # EOF: the control ended the stream
                 if response.HasField("command"):
                     self.received.append(response.command)
+                    if self.on_command is not None:
+                        self.on_command(response.command)
                     self._arrived.set()
                     await self._answer(response.command)
         except grpc.aio.AioRpcError as error:
@@ -178,6 +184,10 @@ class StandinWorker:
         kind = command.WhichOneof("kind") or ""
         if kind in self.ignore:
             return
+        if command.correlation_id in self.done:
+            await self.result(command.correlation_id, ok=True)
+            return
+        self.done.add(command.correlation_id)
         if kind in self.refuse:
             await self.result(command.correlation_id, ok=False, error="refused by the stand-in")
             return
@@ -275,38 +285,67 @@ class StandinWorker:
 # ------------------------------------------------------------ as a process
 
 
-async def run_forever(address: str, name: str, devices: int) -> None:
-    """Register, answer commands, and register again whenever the stream ends."""
+async def run_forever(addresses: Sequence[str], name: str, devices: int) -> None:
+    """Register, answer commands, and register again whenever the stream ends, trying the
+    next control address after a failure. Boards and finished commands survive reconnects."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    boards: dict[str, Board] | None = None
+    done: set[str] = set()
+    attempt = 0
+
+    def log_command(command: pb.WorkerCommand) -> None:
+        kind = command.WhichOneof("kind") or ""
+        payload = getattr(command, kind)
+        device_id = getattr(payload, "device_id", "")
+        line = {
+            "event": "command",
+            "kind": kind,
+            "id": command.correlation_id,
+            "device": device_id,
+            "repeat": command.correlation_id in done,
+        }
+        print(json.dumps(line), flush=True)
+
     while not stop.is_set():
+        address = addresses[attempt % len(addresses)]
         worker = StandinWorker(address, name, devices)
+        if boards is not None:
+            worker.boards = boards
+        worker.done = done
+        worker.on_command = log_command
         try:
             registered = await worker.start()
         except (grpc.aio.AioRpcError, AssertionError) as error:
             await worker._stop()
+            attempt += 1
             print(json.dumps({"event": "refused", "error": str(error)[:200]}), flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
             continue
-        print(json.dumps({"event": "registered", "worker": registered.worker_name}), flush=True)
+        boards = worker.boards
+        line = {"event": "registered", "worker": registered.worker_name, "control": address}
+        print(json.dumps(line), flush=True)
         stopping = asyncio.create_task(stop.wait())
         ended = asyncio.create_task(worker.ended.wait())
         await asyncio.wait({stopping, ended}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         ended.cancel()
         await (worker.close() if stop.is_set() else worker._stop())
+        attempt += 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--control", required=True, help="HOST:PORT of the control")
+    parser.add_argument(
+        "--control", required=True, help="HOST:PORT of the control (comma-separated to fail over)"
+    )
     parser.add_argument("--name", required=True, help="the worker's name")
     parser.add_argument("--devices", type=int, default=2, help="how many boards")
     args = parser.parse_args(argv)
-    asyncio.run(run_forever(args.control, args.name, args.devices))
+    asyncio.run(run_forever(args.control.split(","), args.name, args.devices))
     return 0
 
 
