@@ -3,7 +3,8 @@ every reader re-reads the database, so a lost or duplicated wake-up loses nothin
 
 On SQLite the committing code wakes this process directly. On PostgreSQL each transaction also
 sends `NOTIFY icefarm, '<topics>'`, and every replica's listener wakes its own readers; the
-listener reconnects forever and wakes everyone after each reconnect and on a slow timer.
+listener reconnects forever and wakes everyone after each reconnect, and every reader also
+re-reads on a slow timer of its own.
 """
 
 from __future__ import annotations
@@ -82,11 +83,10 @@ class Notifier:
 class PostgresListener:
     """LISTEN on a dedicated autocommit connection (outside the pool), forever."""
 
-    def __init__(self, database_url: str, notifier: Notifier, resync_interval: float = 5.0) -> None:
+    def __init__(self, database_url: str, notifier: Notifier) -> None:
         url = make_url(database_url).set(drivername="postgresql")
         self.conninfo = url.render_as_string(hide_password=False)
         self.notifier = notifier
-        self.resync_interval = resync_interval
         self.connected = asyncio.Event()
         self.backend_pid: int | None = None
         self.reconnects = 0
@@ -113,11 +113,11 @@ class PostgresListener:
             self.reconnects += 1
             self.connected.set()
             # Anything committed while we were not listening is in the outbox: re-read it.
+            # (While connected no NOTIFY is lost; each reader also re-reads on its own slow,
+            # jittered timer, so nothing here needs to wake everyone periodically.)
             self.notifier.wake_all()
-            while True:
-                async for notification in conn.notifies(timeout=self.resync_interval):
-                    self.notifier.wake(notification.payload.split())
-                self.notifier.wake_all()  # the slow timer: a lost NOTIFY loses nothing
+            async for notification in conn.notifies():
+                self.notifier.wake(notification.payload.split())
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:

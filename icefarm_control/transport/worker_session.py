@@ -10,6 +10,7 @@ No lock is held while waiting on the network: every step is a short database tra
 from __future__ import annotations
 
 import asyncio
+import random
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,7 +40,9 @@ log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 Requests = AsyncIterator[pb.WorkerSessionRequest]
 # Commands are re-read this often even without a wake-up (a lost NOTIFY only costs this much).
-POLL_SECONDS = 2.0
+# The slow re-read that catches a lost wake-up. Wake-ups do the real work, so this is long and
+# jittered: a thousand idle workers must not turn into a steady stream of queries.
+POLL_SECONDS = 30.0
 BATCH = 100
 
 
@@ -151,7 +154,7 @@ class WorkerSessionHandler:
                 if message is not None:
                     yield pb.WorkerSessionResponse(command=message)
             if len(commands) < BATCH:
-                await wake.wait(self.poll_seconds)
+                await wake.wait(self.poll_seconds * random.uniform(0.75, 1.25))
 
     async def _receive(
         self, iterator: Requests, session: Session, wake: Subscription

@@ -146,7 +146,7 @@ async def test_listener_reconnects_after_its_backend_is_killed_and_loses_nothing
         await upgrade(database)
         await seed_farm(database, workers=1, boards_per_worker=1)
         notifier = Notifier()  # only the listener wakes it: NOTIFY is the path under test
-        listener = PostgresListener(url, notifier, resync_interval=30)
+        listener = PostgresListener(url, notifier)
         task = asyncio.create_task(listener.run())
         await asyncio.wait_for(listener.connected.wait(), 10)
         first_pid = listener.backend_pid
