@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import statistics
@@ -27,7 +28,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psycopg
@@ -48,6 +48,12 @@ PING_SECONDS = 10.0
 CHANNELS = 50
 
 
+def async_stub(channel: grpc.aio.Channel) -> pb_grpc.ReservationServiceAsyncStub:
+    """The stub, typed for grpc.aio (the generated class serves both)."""
+    stub: pb_grpc.ReservationServiceAsyncStub = pb_grpc.ReservationServiceStub(channel)
+    return stub
+
+
 def board(i: int) -> str:
     return f"board-0-{i:03d}"
 
@@ -60,8 +66,8 @@ def percentile(values: list[float], share: float) -> float:
 class Session:
     """One client's Session; `read` dispatches pongs and DevicesAvailable to waiters."""
 
-    def __init__(self, stub: pb_grpc.ReservationServiceStub, client_id: str) -> None:
-        self.call: Any = stub.Session(metadata=(("icefarm-client-id", client_id),))
+    def __init__(self, stub: pb_grpc.ReservationServiceAsyncStub, client_id: str) -> None:
+        self.call = stub.Session(metadata=(("icefarm-client-id", client_id),))
         self.pongs: dict[int, asyncio.Future[float]] = {}
         self.available: dict[str, asyncio.Future[float]] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -69,15 +75,15 @@ class Session:
     async def open(self) -> None:
         await self.call.write(pb.SessionRequest(hello=pb.Hello()))
         welcome = await self.call.read()
-        assert welcome.WhichOneof("kind") == "welcome", welcome
+        assert isinstance(welcome, pb.SessionResponse) and welcome.HasField("welcome"), welcome
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             while True:
                 message = await self.call.read()
-                if message is grpc.aio.EOF:
-                    return
+                if not isinstance(message, pb.SessionResponse):
+                    return  # the stream ended
                 now = time.perf_counter()
                 if message.WhichOneof("kind") == "pong":
                     future = self.pongs.pop(message.pong.nonce, None)
@@ -94,7 +100,8 @@ class Session:
         self.pongs[nonce] = future
         started = time.perf_counter()
         await self.call.write(pb.SessionRequest(ping=pb.Ping(nonce=nonce)))
-        return await asyncio.wait_for(future, 30) - started
+        answered: float = await asyncio.wait_for(future, 30)
+        return answered - started
 
     async def watch(self, selector: str) -> asyncio.Future[float]:
         """Watch for one free board; returns when the watch is in place (a ping behind it
@@ -128,12 +135,12 @@ async def availability_latency(
         grpc.aio.insecure_channel(session_address) as session_channel,
         grpc.aio.insecure_channel(release_address) as release_channel,
     ):
-        holder = pb_grpc.ReservationServiceStub(release_channel)
+        holder = async_stub(release_channel)
         held = []
         for i in range(rounds):
             answer = await holder.Reserve(pb.ReserveRequest(device_ids=[board(i)]), metadata=HOLDER)
             held.append(answer.reservation.id)
-        stub = pb_grpc.ReservationServiceStub(session_channel)
+        stub = async_stub(session_channel)
         sessions = [Session(stub, f"waiter-{uuid.uuid4().hex[:8]}") for _ in range(clients)]
         await asyncio.gather(*(s.open() for s in sessions))
         latencies: list[float] = []
@@ -181,7 +188,7 @@ def rss_mb(pid: int) -> float:
 
 async def idle_sessions(address: str, pid: int, steps: list[int]) -> None:
     channels = [grpc.aio.insecure_channel(address) for _ in range(CHANNELS)]
-    stubs = [pb_grpc.ReservationServiceStub(c) for c in channels]
+    stubs = [async_stub(c) for c in channels]
     sessions: list[Session] = []
     round_trips: list[float] = []
     stop = asyncio.Event()
@@ -212,6 +219,10 @@ async def idle_sessions(address: str, pid: int, steps: list[int]) -> None:
             began = time.perf_counter()
             await asyncio.gather(*(open_one(i) for i in range(len(sessions), target)))
             opened = time.perf_counter() - began
+            # This process holds every client stream: keep its own GC pauses out of the
+            # round trips (the control process is left as it is).
+            gc.collect()
+            gc.freeze()
             round_trips.clear()
             cpu_before = cpu_seconds(pid)
             await asyncio.sleep(PING_SECONDS + 1)  # one full ping period at this level

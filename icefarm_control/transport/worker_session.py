@@ -10,8 +10,8 @@ No lock is held while waiting on the network: every step is a short database tra
 from __future__ import annotations
 
 import asyncio
-import random
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 

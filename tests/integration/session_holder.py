@@ -16,11 +16,12 @@ from icefarm.v1 import reservation_service_pb2_grpc as rpb_grpc
 
 async def hold(address: str, client_id: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = rpb_grpc.ReservationServiceStub(channel)
+        stub: rpb_grpc.ReservationServiceAsyncStub = rpb_grpc.ReservationServiceStub(channel)
         call = stub.Session(metadata=(("icefarm-client-id", client_id),))
         await call.write(rpb.SessionRequest(hello=rpb.Hello()))
-        welcome = await call.read()
-        print(f"welcomed {welcome.welcome.client_id}", flush=True)
+        first = await call.read()
+        assert isinstance(first, rpb.SessionResponse)
+        print(f"welcomed {first.welcome.client_id}", flush=True)
         await asyncio.Event().wait()
 
 
