@@ -143,6 +143,7 @@ class ControlApp:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             # Streams first: told to reconnect elsewhere, they record their disconnect.
+            self.notifier.announce_stopping()
             await self.sessions.shut_down(self.config.shutdown_grace.total_seconds())
             await self.worker_sessions.shut_down(self.config.shutdown_grace.total_seconds())
             await self._server.stop(self.config.shutdown_grace.total_seconds())

@@ -22,6 +22,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 log = structlog.get_logger(__name__)
 CHANNEL = "icefarm"
 EVERYONE = "*"
+# Woken once when this control starts shutting down (streams end so clients go elsewhere).
+STOPPING = "control:stopping"
 # NOTIFY payloads must stay below 8000 bytes; past this we wake everyone instead.
 MAX_PAYLOAD = 7000
 
@@ -52,6 +54,11 @@ class Subscription:
 class Notifier:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = defaultdict(set)
+        self.stopping = False
+
+    def announce_stopping(self) -> None:
+        self.stopping = True
+        self.wake([STOPPING])
 
     @contextlib.contextmanager
     def subscribe(self, *topics: str) -> Iterator[Subscription]:

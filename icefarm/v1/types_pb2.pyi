@@ -734,9 +734,12 @@ class ReservationEnded(_message.Message):
     DEVICE_IDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RESERVATION_CLOSED_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     reason: Global___EndReason.ValueType
     reservation_closed: _builtins.bool
+    client_id: _builtins.str
+    """The client that held them (on the operator feed; a client's own feed leaves it empty)."""
     @_builtins.property
     def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -746,10 +749,11 @@ class ReservationEnded(_message.Message):
         device_ids: _abc.Iterable[_builtins.str] | None = ...,
         reason: Global___EndReason.ValueType = ...,
         reservation_closed: _builtins.bool = ...,
+        client_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "reason", b"reason", "reservation_closed", b"reservation_closed", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "device_ids", b"device_ids", "reason", b"reason", "reservation_closed", b"reservation_closed", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

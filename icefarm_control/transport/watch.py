@@ -13,17 +13,23 @@ from typing import Any
 import grpc
 
 from icefarm.v1 import control_service_pb2 as pb
+from icefarm_control.domain.errors import Reason
 from icefarm_control.domain.feeds import OPERATOR_BATCH, OperatorFeed
-from icefarm_control.notifier import Notifier
+from icefarm_control.notifier import STOPPING, Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.storage.database import Database
 from icefarm_control.transport import events as event_messages
-from icefarm_control.transport.errors import abort
+from icefarm_control.transport.errors import abort, to_status
 from icefarm_control.transport.identity import caller_identity
 from icefarm_control.transport.streams import failure_status, to_completion
 
 Context = grpc.aio.ServicerContext[Any, Any]
 RESYNC_SECONDS = 5.0
+SHUTTING_DOWN = to_status(
+    grpc.StatusCode.UNAVAILABLE,
+    "the control is shutting down; reconnect (to another replica) with resume_after",
+    Reason.SHUTTING_DOWN.value,
+)
 
 
 async def watch_events(
@@ -32,12 +38,13 @@ async def watch_events(
     feed = OperatorFeed(database)
     try:
         caller_identity(context, required=False)
-        with notifier.subscribe(outbox.OPERATOR) as subscription:
+        # STOPPING: when the control shuts down the feed ends, so watchers reconnect elsewhere.
+        with notifier.subscribe(outbox.OPERATOR, STOPPING) as subscription:
             # Subscribed before the first read, so nothing committed after it is missed.
             cursor = request.resume_after or await to_completion(feed.last_sequence())
             # Headers now: the caller knows the feed is live before the first event.
             await context.send_initial_metadata(())
-            while True:
+            while not notifier.stopping:
                 rows = await to_completion(feed.events_after(cursor))
                 for row in rows:
                     cursor = row.sequence
@@ -48,3 +55,4 @@ async def watch_events(
                     await subscription.wait(RESYNC_SECONDS)
     except Exception as error:
         await abort(context, failure_status(error, "WatchEvents"))
+    await abort(context, SHUTTING_DOWN)

@@ -19,8 +19,9 @@ from grpc_health.v1 import health_pb2
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
+from icefarm.v1 import control_service_pb2 as cpb
+from icefarm.v1 import control_service_pb2_grpc, reservation_service_pb2_grpc, types_pb2
 from icefarm.v1 import reservation_service_pb2 as rpb
-from icefarm.v1 import reservation_service_pb2_grpc, types_pb2
 from icefarm_control.config import SETTINGS
 from icefarm_control.storage import queries as q
 from icefarm_control.storage.database import Database
@@ -503,3 +504,25 @@ async def test_db_upgrade_creates_the_schema_prints_the_revision_and_is_idempote
     current = await asyncio.to_thread(run, CONTROL, "db", "current", "--database", typed_url)
     assert current.returncode == 0, current.output
     assert current.stdout == first.stdout
+
+
+async def test_sigterm_ends_the_operator_feed_with_unavailable_at_once(
+    tmp_path: Path, control_process_factory: list[ControlProcess]
+) -> None:
+    control = start(control_process_factory, sqlite_url(tmp_path), "--shutdown-grace", "30s")
+    async with grpc.aio.insecure_channel(control.address) as channel:
+        feed = control_service_pb2_grpc.ControlServiceStub(channel).WatchEvents(
+            cpb.WatchEventsRequest()
+        )
+        await asyncio.wait_for(feed.initial_metadata(), 10)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        control.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(feed.read(), 20)
+        # Told to go elsewhere straight away, not cut off when the 30 s grace runs out.
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason_of(caught.value) == "SHUTTING_DOWN"
+        assert loop.time() - signalled < 10
+    code, output = await asyncio.to_thread(finish, control)
+    assert code == 0, output

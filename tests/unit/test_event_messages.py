@@ -37,6 +37,7 @@ def test_reservation_ended_keeps_sequence_time_and_fields() -> None:
     ended = message.reservation_ended
     assert ended.reservation_id == "r1" and list(ended.device_ids) == ["a", "b"]
     assert ended.reason == types_pb2.END_REASON_RELEASED and ended.reservation_closed
+    assert ended.client_id == "alice"  # the operator feed names the holder
 
 
 def test_reservation_created_becomes_a_reservation() -> None:
