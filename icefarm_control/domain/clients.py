@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Protocol
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.events import EventType
@@ -161,9 +162,16 @@ class ClientSessions:
         if not lost:
             return []
         # By reservation, not by client: a lease created since the cutoff keeps its own grace.
+
+        async def still_lost(conn: AsyncConnection, ids: list[str]) -> set[str]:
+            # A client that reconnected since the read above keeps its leases.
+            again = await cq.lost_client_reservations(conn, cutoff, len(ids), among=ids)
+            return {reservation_id for reservation_id, _ in again}
+
         outcome = await self.engine.end_reservations(
             reservation_ids=[reservation_id for reservation_id, _ in lost],
             reason=EndReason.CLIENT_LOST,
+            still_due=still_lost,
         )
         if outcome.ended_reservation_ids:
             log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -46,6 +46,10 @@ from icefarm_control.storage.records import (
 
 log = structlog.get_logger(__name__)
 NEW_REQUEST = "new"
+
+
+# Re-checks, inside the ending transaction, which reservations are still due to end.
+StillDue = Callable[[AsyncConnection, list[str]], Awaitable[set[str]]]
 
 
 def waiter_topic(waiter_id: int) -> str:
@@ -487,8 +491,12 @@ class ReservationEngine:
         reservation_ids: Sequence[str] = (),
         client_id: str = "",
         reason: EndReason = EndReason.REVOKED,
+        still_due: StillDue | None = None,
     ) -> ReleaseOutcome:
-        """Operator: end reservations by device, by id or by client, whoever holds them."""
+        """Operator: end reservations by device, by id or by client, whoever holds them.
+
+        `still_due`, when given, runs inside the transaction once the reservations are locked
+        and returns the ids that should still end (a sweep decided on an earlier read)."""
         device_ids = check_ids("device_ids", device_ids, self.limits)
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         if not (device_ids or reservation_ids or client_id):
@@ -505,6 +513,9 @@ class ReservationEngine:
             if client_id:
                 ids = await q.active_reservation_ids(conn, client_id=client_id)
                 rows.update((r.id, r) for r in await q.get_reservations(conn, ids, lock=True))
+            if still_due is not None:
+                keep = await still_due(conn, sorted(rows))
+                rows = {rid: row for rid, row in rows.items() if rid in keep}
             for row in rows.values():
                 targets[row.id].extend(row.held_device_ids)
             if device_ids:

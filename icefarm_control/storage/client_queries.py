@@ -156,7 +156,7 @@ async def feed_positions(conn: AsyncConnection, client_ids: Sequence[str]) -> li
 
 
 async def lost_client_reservations(
-    conn: AsyncConnection, cutoff: datetime, limit: int
+    conn: AsyncConnection, cutoff: datetime, limit: int, among: Sequence[str] = ()
 ) -> list[tuple[str, str]]:
     """(reservation id, client id) of active reservations created before `cutoff` whose client
     has had no live session since before `cutoff`: never opened one, closed it, or its replica
@@ -175,6 +175,8 @@ async def lost_client_reservations(
         .order_by(reservations.c.create_time, reservations.c.id)
         .limit(limit)
     )
+    if among:
+        query = query.where(reservations.c.id.in_(list(among)))
     return [(r.id, r.client_id) for r in await conn.execute(query)]
 
 

@@ -392,3 +392,25 @@ async def test_releasing_an_ended_reservation_again_is_harmless(
     await engine.release("alice", reservation_ids=[grant.reservation.id])
     again = await engine.release("alice", reservation_ids=[grant.reservation.id])
     assert again.device_ids == [] and again.ended_reservation_ids == []
+
+
+async def test_end_reservations_rechecks_inside_its_transaction(
+    database: Database, engine: ReservationEngine
+) -> None:
+    await seed_farm(database, boards_per_worker=2)
+    kept = await engine.reserve("alice", spec(1))
+    ended = await engine.reserve("bob", spec(1))
+    seen: list[list[str]] = []
+
+    async def only_bobs(conn: object, ids: list[str]) -> set[str]:
+        seen.append(ids)
+        return {ended.reservation.id}
+
+    outcome = await engine.end_reservations(
+        reservation_ids=[kept.reservation.id, ended.reservation.id],
+        reason=EndReason.CLIENT_LOST,
+        still_due=only_bobs,  # type: ignore[arg-type]
+    )
+    assert seen == [sorted([kept.reservation.id, ended.reservation.id])]
+    assert outcome.ended_reservation_ids == [ended.reservation.id]
+    assert await held_by(database, kept.reservation.devices[0].id) == kept.reservation.id
