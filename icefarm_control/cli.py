@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import sys
 
 from sqlalchemy.exc import DBAPIError
@@ -55,17 +53,7 @@ async def _db(command: str, url: str) -> None:
         await database.dispose()
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates its own malloc arena; gRPC's threads then keep
-    many half-empty arenas and the control's memory grows with its streams. Two arenas keep
-    it compact (no effect off glibc)."""
-    m_arena_max = -8  # from <malloc.h>
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
-
-
 def main(argv: list[str] | None = None) -> int:
-    limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     try:
         config = resolve(args)
