@@ -101,7 +101,7 @@ class PostgresListener:
     async def run(self) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
-            wait=wait_exponential_jitter(initial=0.05, max=5),
+            wait=wait_exponential_jitter(multiplier=0.05, max=5, jitter=0.05),
             before_sleep=lambda state: log.warning(
                 "notify listener lost its connection; reconnecting",
                 attempt=state.attempt_number,
