@@ -74,8 +74,3 @@ async def seed_farm(
             await register_device(database, device_id, worker=name)
             ids.append(device_id)
     return ids
-
-
-async def set_device_state(database: Database, device_id: str, state: DeviceState) -> None:
-    async with database.write() as conn:
-        await q.set_device_state(conn, [device_id], state, datetime.now(UTC))
