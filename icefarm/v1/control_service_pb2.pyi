@@ -153,7 +153,7 @@ class Registered(_message.Message):
     TOKEN_VERIFICATION_KEY_FIELD_NUMBER: _builtins.int
     worker_name: _builtins.str
     token_verification_key: _builtins.bytes
-    """Verifies reservation tokens (see docs/design.md for the format)."""
+    """Raw 32-byte Ed25519 public key that verifies reservation tokens (format: docs/design.md)."""
     @_builtins.property
     def timers(self) -> _types_pb2.Timers: ...
     def __init__(

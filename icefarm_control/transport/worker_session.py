@@ -75,7 +75,9 @@ class WorkerSessionHandler:
         try:
             yield pb.WorkerSessionResponse(
                 registered=pb.Registered(
-                    worker_name=session.worker, timers=convert.timers(self.registry.timers)
+                    worker_name=session.worker,
+                    timers=convert.timers(self.registry.timers),
+                    token_verification_key=self.registry.engine.signer.public_key,
                 )
             )
             with self.notifier.subscribe(worker_topic(session.worker)) as wake:

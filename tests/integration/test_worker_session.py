@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
+from icefarm.tokens import TokenVerifier
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import types_pb2 as tpb
 from icefarm_control.storage import queries as q
@@ -56,6 +57,19 @@ async def test_a_registered_worker_is_online_and_its_boards_are_free(
     async with fast.database.read() as conn:
         (row,) = await q.list_workers(conn)
     assert row.state == "ONLINE" and row.device_count == 2
+
+
+async def test_the_registered_key_verifies_the_tokens_clients_are_given(
+    fast: RunningControl, workers: list[StandinWorker]
+) -> None:
+    worker = await start_worker(fast, workers, devices=1)
+    assert worker.registered is not None
+    verifier = TokenVerifier(worker.registered.token_verification_key)
+    granted = await reserve(fast, "alice", count=1)
+    claims = verifier.verify(granted.token, datetime.now(UTC))
+    assert claims.reservation_id == granted.reservation.id
+    assert claims.device_ids == tuple(d.id for d in granted.reservation.devices)
+    assert claims.client_id == "alice"
 
 
 # ---------------------------------------------------------------- handshake and names
