@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reserve_release import (  # noqa: E402
+from reserve_release import (
     PG_ADMIN,
     create_pg_database,
     drive,

@@ -22,9 +22,15 @@ from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
 from icefarm_control.domain.tokens import TokenSigner
 from icefarm_control.domain.workers import WorkerRegistry
-from icefarm_control.notifier import Notifier, PostgresListener, stop_task
+from icefarm_control.notifier import (
+    Notifier,
+    PostgresAnnouncer,
+    PostgresListener,
+    stop_task,
+)
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
+from icefarm_control.storage.sequencer import UNSEQUENCED, run_sequencer
 from icefarm_control.transport.client_session import ClientSessionHandler
 from icefarm_control.transport.control import ControlServicer
 from icefarm_control.transport.reservations import ReservationServicer
@@ -54,6 +60,9 @@ class ControlApp:
     notifier: Notifier = field(init=False)
     listener: PostgresListener | None = field(init=False, default=None)
     _listener_task: asyncio.Task[None] | None = field(init=False, default=None)
+    announcer: PostgresAnnouncer | None = field(init=False, default=None)
+    _sequencer: asyncio.Task[None] | None = field(init=False, default=None)
+    _announcer_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
         self.database = Database(self.config.database, pool_size=self.config.db_pool_size)
@@ -66,9 +75,21 @@ class ControlApp:
         self.notifier = Notifier()
         self.database.on_commit = self.notifier.wake
         if self.database.is_postgresql:
-            self.listener = PostgresListener(self.config.database, self.notifier)
+            announcer = PostgresAnnouncer(self.config.database)
+            self.announcer = announcer
+            self._announcer_task = asyncio.create_task(announcer.run())
+            self.listener = PostgresListener(self.config.database, self.notifier, announcer)
             self._listener_task = asyncio.create_task(self.listener.run())
             await asyncio.wait_for(self.listener.connected.wait(), timeout=30)
+
+            def wake_everywhere(topics: set[str]) -> None:
+                self.notifier.wake(topics)
+                announcer.announce(topics)
+
+            self.database.on_commit = wake_everywhere
+            self._sequencer = asyncio.create_task(
+                run_sequencer(self.database, self.notifier, self._stopping), name="sequencer"
+            )
         self.engine = ReservationEngine(
             self.database,
             signer=TokenSigner(key),
@@ -97,6 +118,7 @@ class ControlApp:
         await self._server.start()
         await mark_serving(self._health)
         self._timers = [
+            *([self._sequencer] if self._sequencer is not None else []),
             asyncio.create_task(
                 self._every(
                     self.engine.timers.lease_scan_interval.total_seconds(),
@@ -139,6 +161,7 @@ class ControlApp:
     async def stop(self) -> None:
         """Health NOT_SERVING, no new calls, in-flight calls get the grace, then close."""
         self._stopping.set()
+        self.notifier.wake([UNSEQUENCED])  # the sequencer numbers what is left, then ends
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
@@ -155,6 +178,9 @@ class ControlApp:
             task.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
         await self.engine.close()
+        if self.announcer is not None:
+            await self.announcer.flush(timeout=1.0)
+        await stop_task(self._announcer_task)
         await stop_task(self._listener_task)
         await self.database.dispose()
         log.info("control stopped")

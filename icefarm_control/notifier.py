@@ -1,9 +1,13 @@
 """Wake-ups: who must re-read the outbox now. A wake-up carries no data, only topic names;
 every reader re-reads the database, so a lost or duplicated wake-up loses nothing.
 
-On SQLite the committing code wakes this process directly. On PostgreSQL each transaction also
-sends `NOTIFY icefarm, '<topics>'`, and every replica's listener wakes its own readers; the
-listener reconnects forever and wakes everyone after each reconnect, and every reader also
+The committing code wakes this process's readers directly. On PostgreSQL the topics are also
+sent to the other replicas: after the commit, batched (`PostgresAnnouncer`: one
+`NOTIFY icefarm, '<topics>'` carries everything committed since the previous one), and every
+replica's listener wakes its own readers, skipping what its own announcer sent. Announcing
+after the commit, not inside the transaction, keeps NOTIFY's database-wide commit lock out of
+the reserve/release path; a wake-up lost to a crash in between costs a reader's slow re-read.
+The listener reconnects forever and wakes everyone after each reconnect, and every reader also
 re-reads on a slow timer of its own.
 """
 
@@ -87,28 +91,88 @@ class Notifier:
                 subscription.event.set()
 
 
+def _conninfo(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _retrying(what: str) -> AsyncRetrying:
+    """Reconnect forever, with jittered back-off, on connection errors only."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
+        wait=wait_exponential_jitter(multiplier=0.05, max=5, jitter=0.05),
+        before_sleep=lambda state: log.warning(
+            f"notify {what} lost its connection; reconnecting",
+            attempt=state.attempt_number,
+            error=str(state.outcome.exception()) if state.outcome else "",
+        ),
+    )
+
+
+class PostgresAnnouncer:
+    """Sends this replica's wake-ups to the others: NOTIFY after commit, batched, on a
+    dedicated autocommit connection (outside the pool). A batch that fails is sent again
+    after the reconnect."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conninfo = _conninfo(database_url)
+        self.backend_pid: int | None = None
+        self._pending: set[str] = set()
+        self._ready = asyncio.Event()
+        # Set while nothing is waiting to be sent.
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def announce(self, topics: Iterable[str]) -> None:
+        self._pending.update(topics)
+        self._idle.clear()
+        self._ready.set()
+
+    async def run(self) -> None:
+        async for attempt in _retrying("announcer"):
+            with attempt:
+                await self._send_forever()
+
+    async def _send_forever(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+            # A NOTIFY is only a wake-up: no need to wait for its commit record on disk.
+            await conn.execute("SET synchronous_commit = off")
+            self.backend_pid = conn.info.backend_pid
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                topics, self._pending = self._pending, set()
+                payload = notify_payload(topics)
+                try:
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                except BaseException:
+                    self._pending |= topics
+                    self._ready.set()
+                    raise
+                if not self._pending:
+                    self._idle.set()
+
+    async def flush(self, timeout: float) -> None:
+        """Give what is pending a moment to go out (at shutdown)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+
 class PostgresListener:
     """LISTEN on a dedicated autocommit connection (outside the pool), forever."""
 
-    def __init__(self, database_url: str, notifier: Notifier) -> None:
-        url = make_url(database_url).set(drivername="postgresql")
-        self.conninfo = url.render_as_string(hide_password=False)
+    def __init__(
+        self, database_url: str, notifier: Notifier, announcer: PostgresAnnouncer | None = None
+    ) -> None:
+        self.conninfo = _conninfo(database_url)
         self.notifier = notifier
+        # Our own announcements: this process already woke its readers when it committed.
+        self.announcer = announcer
         self.connected = asyncio.Event()
         self.backend_pid: int | None = None
         self.reconnects = 0
 
     async def run(self) -> None:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((psycopg.OperationalError, OSError)),
-            wait=wait_exponential_jitter(multiplier=0.05, max=5, jitter=0.05),
-            before_sleep=lambda state: log.warning(
-                "notify listener lost its connection; reconnecting",
-                attempt=state.attempt_number,
-                error=str(state.outcome.exception()) if state.outcome else "",
-            ),
-        )
-        async for attempt in retrying:
+        async for attempt in _retrying("listener"):
             with attempt:
                 await self._listen()
 
@@ -124,7 +188,8 @@ class PostgresListener:
             # jittered timer, so nothing here needs to wake everyone periodically.)
             self.notifier.wake_all()
             async for notification in conn.notifies():
-                self.notifier.wake(notification.payload.split())
+                if self.announcer is None or notification.pid != self.announcer.backend_pid:
+                    self.notifier.wake(notification.payload.split())
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:

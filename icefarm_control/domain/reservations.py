@@ -43,6 +43,7 @@ from icefarm_control.storage.records import (
     ReservedDeviceRow,
     WaiterRow,
 )
+from icefarm_control.storage.sequencer import UNSEQUENCED
 
 log = structlog.get_logger(__name__)
 NEW_REQUEST = "new"
@@ -177,7 +178,7 @@ class ReservationEngine:
             return None  # a retried request_id: the general path returns the first answer
         if taken is None:
             return None
-        self.db.published({outbox.OPERATOR} | {outbox.worker_topic(d.worker) for d in taken})
+        self.db.published({UNSEQUENCED} | {outbox.worker_topic(d.worker) for d in taken})
         return self._new_row(reservation_id, client_id, spec, taken, now)
 
     def _shortage(self, spec: ReserveSpec) -> str:
@@ -422,7 +423,7 @@ class ReservationEngine:
             )
         if released is None:
             return None
-        topics = {outbox.client_audience(client_id), outbox.OPERATOR, outbox.DEVICES}
+        topics = {outbox.client_audience(client_id), UNSEQUENCED, outbox.DEVICES}
         self.db.published(topics | {outbox.worker_topic(w) for w in released.workers})
         if released.queued:
             await self.serve_waiters()

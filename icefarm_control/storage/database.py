@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from sqlalchemy import event, func, select
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from icefarm_control.notifier import CHANNEL, notify_payload
 from icefarm_control.storage.outbox import take_touched
 
 WRITE_OPTION = "icefarm_write"
@@ -81,7 +80,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that may write; committed on success, rolled back on error. The
-        topics it touched (storage/outbox.py) are published once it commits."""
+        topics it touched (storage/outbox.py) are published once it has committed."""
         topics: set[str] = set()
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
@@ -93,15 +92,13 @@ class Database:
                 async with conn.begin():
                     yield conn
                     topics = take_touched(conn)
-                    if topics and self.is_postgresql:
-                        # Delivered to every replica's listener when (and only if) we commit.
-                        await conn.execute(select(func.pg_notify(CHANNEL, notify_payload(topics))))
             finally:
                 take_touched(conn)
         self.published(topics)
 
     def published(self, topics: set[str]) -> None:
-        """Wake this process's readers of `topics` (after a commit)."""
+        """Wake the readers of `topics` after a commit: this process's at once, and (through
+        the app's hook, on PostgreSQL) the other replicas' by a batched NOTIFY."""
         if topics and self.on_commit is not None:
             self.on_commit(topics)
 

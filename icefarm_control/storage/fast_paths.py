@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ColumnElement,
     Float,
@@ -49,7 +50,6 @@ from icefarm_control.domain.states import (
     WorkerState,
     state_after_release,
 )
-from icefarm_control.notifier import CHANNEL
 from icefarm_control.storage import outbox
 from icefarm_control.storage.models import (
     JsonDocument,
@@ -170,12 +170,13 @@ def _reserve_statement(selector_text: str, by_ids: bool) -> Select[Any]:
             "mode", bindparam("p_mode", type_=String()),
             "end_time", bindparam("p_end_time_iso", type_=String()),
         ),
+        numbered=False,
     )  # fmt: skip
     return (
         select(
             taken,
             workers.c.endpoint,
-            _notify(literal(OPERATOR, String()), commands, created_event).label("notified"),
+            _topics(literal(OPERATOR, String()), commands, created_event).label("topics"),
         )
         .join(workers, workers.c.name == taken.c.worker_name)
         .order_by(taken.c.id)
@@ -211,46 +212,59 @@ def _insert_commands(devices_cte: Any, type_: CommandType, payload: ColumnElemen
 
 
 def _insert_event(
-    when: Any, audience: ColumnElement[str], type_: EventType, payload: ColumnElement[Any]
+    when: Any,
+    audience: ColumnElement[str],
+    type_: EventType,
+    payload: ColumnElement[Any],
+    *,
+    numbered: bool = True,
 ) -> Any:
-    """Append one event for `audience` if `when` has a row, numbered from its counter row."""
+    """Append one event for `audience` if `when` has a row, numbered from its counter row;
+    or, with `numbered=False` (the operator feed), left for the sequencer to number."""
     name = f"{type_.value}_{abs(hash(str(audience))) % 10_000}"
-    sequence = (
-        postgresql.insert(event_sequences)
-        .from_select(["audience", "last_sequence"], select(audience, literal(1)).select_from(when))
-        .on_conflict_do_update(
-            index_elements=[event_sequences.c.audience],
-            set_={"last_sequence": event_sequences.c.last_sequence + 1},
+    number: Any = literal(None, BigInteger())
+    source = when
+    if numbered:
+        sequence = (
+            postgresql.insert(event_sequences)
+            .from_select(
+                ["audience", "last_sequence"], select(audience, literal(1)).select_from(when)
+            )
+            .on_conflict_do_update(
+                index_elements=[event_sequences.c.audience],
+                set_={"last_sequence": event_sequences.c.last_sequence + 1},
+            )
+            .returning(event_sequences.c.last_sequence)
+            .cte(f"{name}_sequence")
         )
-        .returning(event_sequences.c.last_sequence)
-        .cte(f"{name}_sequence")
-    )
+        number, source = sequence.c.last_sequence, sequence
     return (
         insert(events)
         .from_select(
             ["audience", "sequence", "type", "payload", "create_time"],
             select(
                 audience,
-                sequence.c.last_sequence,
+                number,
                 literal(type_.value, String()),
                 payload,
                 bindparam("p_now", type_=UtcDateTime()),
-            ),
+            ).select_from(source),
         )
         .returning(events.c.audience)
         .cte(f"{name}_event")
     )
 
 
-def _notify(fixed_topics: ColumnElement[str], commands: Any, *event_ctes: Any) -> Any:
-    """NOTIFY the fixed topics, the workers that got commands and the event audiences; sent
-    only when this statement commits, evaluated only when it produced rows."""
+def _topics(fixed_topics: ColumnElement[str], commands: Any, *event_ctes: Any) -> Any:
+    """The wake-up topics the statement touched: the fixed ones, the workers that got commands
+    and the event audiences. Selecting them also keeps those data-modifying CTEs in the
+    statement (SQLAlchemy renders only the CTEs the final SELECT refers to)."""
     listed = union(
         select(fixed_topics.label("topic")),
         select(literal("worker:", String()) + commands.c.worker_name),
         *(select(event_cte.c.audience) for event_cte in event_ctes),
     ).subquery()
-    return select(func.pg_notify(CHANNEL, func.string_agg(listed.c.topic, " "))).scalar_subquery()
+    return select(func.string_agg(listed.c.topic, " ")).scalar_subquery()
 
 
 async def reserve_in_one_statement(
@@ -379,10 +393,11 @@ def _release_statement() -> Select[Any]:
         payload.op("||")(
             func.jsonb_build_object("client_id", bindparam("p_client_id", type_=String()))
         ),
+        numbered=False,
     )
     queued = exists().where(waiters.c.state == WAITING)
-    notified = (
-        select(_notify(literal(DEVICES, String()), commands, client_event, operator_event))
+    topics = (
+        select(_topics(literal(DEVICES, String()), commands, client_event, operator_event))
         .select_from(ended)
         .scalar_subquery()
     )
@@ -393,7 +408,7 @@ def _release_statement() -> Select[Any]:
         .scalar_subquery()
         .label("workers"),
         queued.label("queued"),
-        notified.label("notified"),
+        topics.label("topics"),
     )
 
 

@@ -150,7 +150,8 @@ events = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     # "operator" or "client:<client id>".
     Column("audience", String(300), nullable=False),
-    Column("sequence", BigInteger, nullable=False),
+    # NULL until the operator-feed sequencer numbers it (PostgreSQL fast paths only).
+    Column("sequence", BigInteger, nullable=True),
     Column("type", String(48), nullable=False),
     Column("payload", JsonDocument, nullable=False),
     Column("create_time", UtcDateTime, nullable=False),

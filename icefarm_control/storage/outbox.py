@@ -23,6 +23,8 @@ from icefarm_control.storage.models import event_sequences, events, worker_comma
 TOPICS_KEY = "icefarm_topics"
 OPERATOR = "operator"
 DEVICES = "devices"
+# Woken when operator events wait for their numbers (PostgreSQL; see storage/sequencer.py).
+UNSEQUENCED = "operator:unsequenced"
 
 PENDING = "PENDING"
 SENT = "SENT"
@@ -90,8 +92,19 @@ async def _next_sequence(conn: AsyncConnection, audience: str) -> int:
 
 async def append_event(
     conn: AsyncConnection, audience: str, type_: str, payload: dict[str, Any], now: datetime
-) -> int:
-    """Append one event for an audience ("operator" or client_audience(id)); its sequence."""
+) -> int | None:
+    """Append one event for an audience ("operator" or client_audience(id)); its sequence, or
+    None for an operator event on PostgreSQL, which the sequencer numbers after the commit (so
+    that no transaction queues on the operator counter, and the feed stays in causal order
+    with the fast paths' operator events, which are numbered the same way)."""
+    if audience == OPERATOR and conn.dialect.name == "postgresql":
+        await conn.execute(
+            insert(events).values(
+                audience=audience, sequence=None, type=type_, payload=payload, create_time=now
+            )
+        )
+        touch(conn, UNSEQUENCED)
+        return None
     sequence = await _next_sequence(conn, audience)
     await conn.execute(
         insert(events).values(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from icefarm_control.domain.states import DeviceState, WorkerState
+from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage.database import Database
 
@@ -74,3 +75,15 @@ async def seed_farm(
             await register_device(database, device_id, worker=name)
             ids.append(device_id)
     return ids
+
+
+async def operator_feed(database: Database, after: int = 0) -> list[outbox.EventRow]:
+    """The operator feed after `after`, once every operator event written so far has its
+    number (what the app's sequencer does within moments on PostgreSQL)."""
+    if database.is_postgresql:
+        from icefarm_control.storage.sequencer import number_operator_events
+
+        async with database.write() as conn:
+            await number_operator_events(conn)
+    async with database.read() as conn:
+        return await outbox.events_after(conn, outbox.OPERATOR, after)

@@ -28,6 +28,14 @@ class HardwareError(Exception):
         self.message = message
 
 
+class SerialTimeout(HardwareError):
+    """`SerialLink.read_line` saw no complete line in time; the port is still open. Modes turn this
+    into `EvaluationFailed`, while a vanished port stays a plain `HardwareError`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("serial", message)
+
+
 @dataclass(frozen=True)
 class DiscoveredDevice:
     """One USB device the worker found (by udev, or made by the simulator)."""

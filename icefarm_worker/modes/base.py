@@ -43,7 +43,8 @@ class Mode(ABC):
         """`args` are the reservation's mode_args; raise ValueError naming a bad one."""
         self.args = dict(args)
 
-    async def ready(self, link: SerialLink, timeout: float) -> None:
+    # Optional hook: a mode with nothing to check keeps this no-op.
+    async def ready(self, link: SerialLink, timeout: float) -> None:  # noqa: B027
         """Check the freshly flashed firmware answers as this mode expects."""
 
     @abstractmethod

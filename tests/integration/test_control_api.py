@@ -14,7 +14,12 @@ from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2
 from icefarm_control.storage import outbox
-from icefarm_control.storage.testing import register_device, register_worker, seed_farm
+from icefarm_control.storage.testing import (
+    operator_feed,
+    register_device,
+    register_worker,
+    seed_farm,
+)
 from tests.grpc_errors import bad_fields_of, reason_of
 from tests.integration.conftest import RunningControl, as_client
 
@@ -323,7 +328,7 @@ async def test_remove_device_takes_it_from_its_holder(control: RunningControl) -
     assert row.state == types_pb2.RESERVATION_STATE_ACTIVE
     async with control.database.read() as conn:
         commands = await outbox.pending_commands(conn, "worker-0")
-        feed = await outbox.events_after(conn, outbox.OPERATOR, 0)
+    feed = await operator_feed(control.database)
     assert [(c.type, c.device_id) for c in commands][-1] == ("remove_device", gone)
     assert feed[-1].type == "device_changed"
     assert feed[-1].payload["device"]["state"] == "REMOVED"

@@ -16,10 +16,10 @@ from icefarm_control.domain.requests import check_reserve
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
 from icefarm_control.domain.tokens import TokenSigner
-from icefarm_control.notifier import Notifier, PostgresListener, stop_task
+from icefarm_control.notifier import Notifier, PostgresAnnouncer, PostgresListener, stop_task
 from icefarm_control.storage import outbox
 from icefarm_control.storage.database import Database
-from icefarm_control.storage.testing import seed_farm
+from icefarm_control.storage.testing import operator_feed, seed_farm
 from tests.conftest import create_pg_database, drop_pg_database
 
 
@@ -43,6 +43,8 @@ def spec(count: int, wait: float = 0):  # type: ignore[no-untyped-def]
 
 
 async def read_events(database: Database, audience: str) -> list[outbox.EventRow]:
+    if audience == outbox.OPERATOR:
+        return await operator_feed(database)
     async with database.read() as conn:
         return await outbox.events_after(conn, audience, 0)
 
@@ -146,6 +148,9 @@ async def test_listener_reconnects_after_its_backend_is_killed_and_loses_nothing
         await upgrade(database)
         await seed_farm(database, workers=1, boards_per_worker=1)
         notifier = Notifier()  # only the listener wakes it: NOTIFY is the path under test
+        announcer = PostgresAnnouncer(url)
+        announcing = asyncio.create_task(announcer.run())
+        database.on_commit = announcer.announce
         listener = PostgresListener(url, notifier)
         task = asyncio.create_task(listener.run())
         await asyncio.wait_for(listener.connected.wait(), 10)
@@ -174,6 +179,7 @@ async def test_listener_reconnects_after_its_backend_is_killed_and_loses_nothing
             await engine.reserve("bob", spec(1))
             assert await worker.wait(5), "NOTIFY did not arrive after the reconnect"
         await stop_task(task)
+        await stop_task(announcing)
     finally:
         await database.dispose()
         drop_pg_database(url)
@@ -189,3 +195,27 @@ def test_notify_payload_falls_back_to_everyone_when_too_long() -> None:
 def test_timestamps_in_payloads_are_iso() -> None:
     moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert events.iso(moment) == "2026-01-02T03:04:05+00:00"
+
+
+@pytest.mark.postgres
+async def test_a_replica_skips_its_own_announcements_but_hears_the_others() -> None:
+    url = create_pg_database()
+    try:
+        mine, theirs = PostgresAnnouncer(url), PostgresAnnouncer(url)
+        notifier = Notifier()
+        listener = PostgresListener(url, notifier, mine)
+        tasks = [asyncio.create_task(t.run()) for t in (mine, theirs, listener)]
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        with notifier.subscribe("worker:a") as a, notifier.subscribe("worker:b") as b:
+            a.event.clear()
+            b.event.clear()
+            mine.announce({"worker:a"})
+            await mine.flush(5)
+            theirs.announce({"worker:b"})
+            assert await b.wait(5), "another replica's NOTIFY did not arrive"
+            # Both went through the one channel in order: ours would have arrived first.
+            assert not a.event.is_set()
+        for task in tasks:
+            await stop_task(task)
+    finally:
+        drop_pg_database(url)

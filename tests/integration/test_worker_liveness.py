@@ -12,11 +12,10 @@ from icefarm_control.domain.settings import Limits, Timers
 from icefarm_control.domain.states import DeviceState
 from icefarm_control.domain.tokens import TokenSigner
 from icefarm_control.domain.workers import Registration, Session, WorkerRegistry
-from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import worker_queries as wq
 from icefarm_control.storage.database import Database
-from icefarm_control.storage.testing import seed_farm
+from icefarm_control.storage.testing import operator_feed, seed_farm
 
 TIMERS = Timers(
     offline_timeout=timedelta(seconds=30),
@@ -119,8 +118,7 @@ async def test_a_silent_worker_goes_offline_once_and_loses_its_holds_after_the_g
     await farm.liveness.sweep_liveness()
     assert await farm.end_reason(reservation_id) == "WORKER_LOST"
     assert await farm.device("lab-a-0") == ("OFFLINE", None)
-    async with database.read() as conn:
-        operator = await outbox.events_after(conn, outbox.OPERATOR, 0)
+    operator = await operator_feed(database)
     assert "worker_changed" in [e.type for e in operator]
 
 

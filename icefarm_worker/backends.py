@@ -1,0 +1,81 @@
+"""Which hardware the worker drives: the boards on this host's USB, or a simulated farm.
+
+Both come out as the same `Hardware` (the interfaces of hardware/base.py), so the rest of the
+worker cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from icefarm_worker.config import ConfigError, WorkerConfig
+from icefarm_worker.fleet import BoardFactory
+from icefarm_worker.hardware.base import Discovery, Usbip
+from icefarm_worker.modes import MODES
+from icefarm_worker.modes.base import Mode
+
+log = structlog.get_logger(__name__)
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Hardware:
+    """Discovery, the board factory, usbip, the firmware files and the modes."""
+
+    discovery: Discovery
+    make_board: BoardFactory
+    usbip: Usbip | None
+    firmware: dict[str, Path]
+    modes: Mapping[str, type[Mode]] = field(default_factory=lambda: dict(MODES))
+    close: Callable[[], Awaitable[None]] = _nothing
+
+
+async def open_hardware(config: WorkerConfig) -> Hardware:
+    """The simulated farm when `config.simulate` > 0, else this host's USB boards."""
+    if config.simulate:
+        return await _simulated(config)
+    from icefarm_worker.hardware.board import SerialBoard
+    from icefarm_worker.hardware.discovery import UdevDiscovery
+    from icefarm_worker.hardware.usbip import UsbipTools
+
+    usbip = UsbipTools()
+    try:
+        await usbip.start()
+    except Exception as exc:  # usbip is optional: boards still evaluate without it
+        log.warning("usbip not available; usbip mode disabled", error=str(exc))
+        usbip_or_none: Usbip | None = None
+    else:
+        usbip_or_none = usbip
+    modes = dict(MODES)
+    if usbip_or_none is None:
+        modes.pop("usbip", None)
+    return Hardware(UdevDiscovery(), SerialBoard, usbip_or_none, dict(config.firmware), modes)
+
+
+async def _simulated(config: WorkerConfig) -> Hardware:
+    from icefarm_worker.simulator import SimulatedFarm, parse_faults
+
+    try:
+        faults = parse_faults(config.simulator_faults)
+    except ValueError as exc:
+        raise ConfigError(f"simulator.faults: {exc}") from exc
+    root = tempfile.TemporaryDirectory(prefix="icefarm-sim-")
+    farm = SimulatedFarm(config.simulate, Path(root.name), faults)
+    await farm.start()
+
+    async def close() -> None:
+        """Power the simulated boards off and remove their directory."""
+        await farm.stop()
+        root.cleanup()
+
+    firmware = {**farm.firmware_paths(), **config.firmware}
+    log.info("simulating boards", count=config.simulate, root=root.name)
+    return Hardware(farm.discovery, farm.board, farm.usbip, firmware, close=close)

@@ -1,0 +1,263 @@
+"""Worker configuration: command-line flags, then ICEFARM_WORKER_* environment variables, then a
+TOML file (--config or ICEFARM_WORKER_CONFIG), then the defaults below.
+
+Tables only a file can express well also have a flat form for flags and the environment:
+`[firmware]` is `--firmware NAME=PATH` (repeatable) or `ICEFARM_WORKER_FIRMWARE=NAME=PATH,...`,
+`[labels]` is `--label KEY=VALUE` or `ICEFARM_WORKER_LABELS=KEY=VALUE,...`. The simulator's
+`[simulator.faults]` table is only read from the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+ENV_PREFIX = "ICEFARM_WORKER_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+def parse_seconds(text: str) -> float:
+    """'90', '90s', '1500ms', '5m', '2h', '1d' → seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 2h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _address(text: str) -> str:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return str(text)
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    parts = tuple(_address(p.strip()) for p in str(text).split(",") if p.strip())
+    if not parts:
+        raise ValueError("needs at least one HOST:PORT")
+    return parts
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text.lower()
+
+    return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number ≥ 0")
+    return value
+
+
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[\x21-\x7e]{1,128}", text):
+        raise ValueError("must be 1-128 printable ASCII characters without spaces")
+    return text
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """'a=1,b=2' → {'a': '1', 'b': '2'}."""
+    result: dict[str, str] = {}
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        result[key.strip()] = value.strip()
+    return result
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One scalar setting: its flag, environment variable and TOML key derive from `name`."""
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it."""
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets it."""
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("control", _addresses, "HOST:PORT of the control (comma-separated to fail over)"),
+    Setting("name", _name, "worker name, unique in the farm (default: the host name)"),
+    Setting("listen", _address, "address to serve WorkerService on (port 0: any free port)"),
+    Setting("advertise", _address, "HOST:PORT clients use to reach it (default: from --listen)"),
+    Setting("log_format", _choice("console", "json"), "console or json"),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    Setting("simulate", _count, "run N simulated boards instead of real hardware (0: real)"),
+    Setting("flash_timeout", parse_seconds, "how long flashing one firmware may take"),
+    Setting("test_timeout", parse_seconds, "how long the default firmware has to answer"),
+    Setting("ready_timeout", parse_seconds, "how long a mode's firmware has to answer"),
+    Setting("evaluate_timeout", parse_seconds, "how long one bitstream may take"),
+    Setting("drain_timeout", parse_seconds, "longest wait for reservations when draining"),
+    Setting("reconnect_max", parse_seconds, "longest pause between reconnect attempts"),
+    Setting("pid_file", str, "write the process id here (for `icefarm-worker drain`)"),
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything `icefarm-worker run` needs; durations in seconds."""
+
+    control: tuple[str, ...] = ("127.0.0.1:50051",)
+    name: str = field(default_factory=socket.gethostname)
+    listen: str = "0.0.0.0:50052"
+    advertise: str = ""
+    log_format: str = "console"
+    log_level: str = "info"
+    simulate: int = 0
+    flash_timeout: float = 30.0
+    test_timeout: float = 10.0
+    ready_timeout: float = 10.0
+    evaluate_timeout: float = 10.0
+    drain_timeout: float = 900.0
+    reconnect_max: float = 30.0
+    pid_file: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # Mode firmware name ("default", "pulsecount", ...) → .uf2 file.
+    firmware: dict[str, Path] = field(default_factory=dict)
+    # The `[simulator.faults]` table, handed to the simulator as it is.
+    simulator_faults: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `run` flags: --config, every setting, --label and --firmware."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML file with any of the settings below [{ENV_PREFIX}CONFIG]",
+    )
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.name.split("_")[-1].upper(),
+            help=f"{setting.help} [{setting.env}]",
+        )
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"a worker label (repeatable; TOML [labels]) [{ENV_PREFIX}LABELS=K=V,...]",
+    )
+    parser.add_argument(
+        "--firmware",
+        action="append",
+        metavar="NAME=PATH",
+        help="firmware file for a mode (default, pulsecount, varmax, ...; repeatable; "
+        f"TOML [firmware]) [{ENV_PREFIX}FIRMWARE=NAME=PATH,...]",
+    )
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    known = {s.name for s in SETTINGS} | {"labels", "firmware", "simulator"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
+    for table in ("labels", "firmware", "simulator"):
+        if table in values and not isinstance(values[table], dict):
+            raise ConfigError(f"config file {path}: {table} must be a table")
+    return values
+
+
+def _table(
+    flag_values: list[str] | None, env_value: str | None, file_value: Any, source: str
+) -> dict[str, str]:
+    """A name → value table: from flags if given, else the environment, else the file."""
+    try:
+        if flag_values:
+            merged: dict[str, str] = {}
+            for item in flag_values:
+                merged.update(_pairs(item))
+            return merged
+        if env_value is not None:
+            return _pairs(env_value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return {str(k): str(v) for k, v in dict(file_value or {}).items()}
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Each setting from the first place that has it: flag, environment, TOML file, default."""
+    environ = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    file_values = _read_file(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for source, raw in (
+            (setting.flag, getattr(args, setting.name, None)),
+            (setting.env, environ.get(setting.env)),
+            (f"{config_path}: {setting.name}", file_values.get(setting.name)),
+        ):
+            if raw is None:
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+            break
+    values["labels"] = _table(
+        getattr(args, "labels", None),
+        environ.get(ENV_PREFIX + "LABELS"),
+        file_values.get("labels"),
+        "--label",
+    )
+    firmware = _table(
+        getattr(args, "firmware", None),
+        environ.get(ENV_PREFIX + "FIRMWARE"),
+        file_values.get("firmware"),
+        "--firmware",
+    )
+    values["firmware"] = {name: Path(path).expanduser() for name, path in firmware.items()}
+    simulator = file_values.get("simulator", {})
+    faults = simulator.get("faults", {}) if isinstance(simulator, dict) else {}
+    if not isinstance(faults, dict):
+        raise ConfigError(f"config file {config_path}: simulator.faults must be a table")
+    values["simulator_faults"] = faults
+    config = WorkerConfig(**values)
+    check(config)
+    return config
+
+
+def check(config: WorkerConfig) -> None:
+    """Refuse settings that cannot work together (the message names the setting)."""
+    for name, path in config.firmware.items():
+        if not path.is_file():
+            raise ConfigError(f"firmware {name}: {path} is not a file")
+    if not config.simulate and "default" not in config.firmware:
+        raise ConfigError(
+            "firmware default: no default firmware configured (--firmware default=PATH, "
+            "or [firmware] default = PATH in the config file)"
+        )

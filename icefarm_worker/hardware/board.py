@@ -1,0 +1,191 @@
+"""`SerialBoard`: flash a pico2-ice through its UF2 bootloader and open its CDC port.
+
+Flashing is four steps, each bounded by what remains of the caller's timeout:
+
+1. touch — open the CDC port at 1200 baud and close it; the board reboots into its bootloader.
+2. uf2-drive — wait for a new directory holding `INDEX.HTM` and `INFO_UF2.TXT`.
+3. copy — write the `.uf2` into it (a plain write: UF2 bootloaders take nothing cleverer).
+4. serial — wait for the CDC port to come back, and check it opens.
+
+A UF2 drive does not say which board it belongs to, so steps 1 and 2 run under one lock per event
+loop: while a board waits for its drive, no other board of this worker enters its bootloader,
+and the only new drive is ours. A claimed drive is never handed to a second board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+from icefarm_worker.hardware import flashing
+from icefarm_worker.hardware.base import DiscoveredDevice, HardwareError, SerialLink
+from icefarm_worker.hardware.serial_link import open_link, touch_1200
+
+DRIVE_MARKERS = ("INDEX.HTM", "INFO_UF2.TXT")
+# Filesystems a UF2 bootloader drive can be mounted as; other mounts are never probed (a hung
+# network mount must not stall a flash).
+DRIVE_FSTYPES = frozenset({"vfat", "msdos", "fuseblk", "exfat"})
+POLL_INTERVAL = 0.02
+
+
+class _DriveClaims:
+    """Per event loop: the lock around bootloader entry and the drives being written."""
+
+    def __init__(self) -> None:
+        self.entry = asyncio.Lock()
+        self.claimed: set[Path] = set()
+
+
+_CLAIMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DriveClaims] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _claims() -> _DriveClaims:
+    # asyncio.Lock binds to the first loop that waits on it, so one per loop (tests run many).
+    loop = asyncio.get_running_loop()
+    claims = _CLAIMS.get(loop)
+    if claims is None:
+        claims = _CLAIMS[loop] = _DriveClaims()
+    return claims
+
+
+def mounted_dirs(mounts: Path = Path("/proc/mounts")) -> list[Path]:
+    """Mount points of filesystems a UF2 drive can be (FAT and friends)."""
+    try:
+        text = mounts.read_text()
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] in DRIVE_FSTYPES:
+            # /proc/mounts escapes spaces and tabs as octal (\040).
+            found.append(Path(fields[1].encode().decode("unicode_escape")))
+    return found
+
+
+def uf2_drives(drive_search: Sequence[Path]) -> set[Path]:
+    """Every directory that looks like a UF2 bootloader drive right now: among the mounted
+    FAT filesystems and the `drive_search` directories (and their immediate subdirectories)."""
+    candidates: list[Path] = [*mounted_dirs()]
+    for base in drive_search:
+        candidates.append(base)
+        try:
+            candidates.extend(child for child in base.iterdir() if child.is_dir())
+        except OSError:
+            continue
+    return {path for path in candidates if _is_uf2_drive(path)}
+
+
+def _is_uf2_drive(path: Path) -> bool:
+    try:
+        return all((path / name).is_file() for name in DRIVE_MARKERS)
+    except OSError:
+        return False
+
+
+class SerialBoard:
+    """A pico2-ice on a CDC ACM port, flashed through its UF2 bootloader."""
+
+    def __init__(
+        self,
+        device: DiscoveredDevice,
+        drive_search: Sequence[Path] = (),
+        *,
+        baudrate: int = 115200,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        if device.serial_port is None:
+            raise ValueError(f"device {device.device_id} has no serial port to flash through")
+        self._device = device
+        self._port = device.serial_port
+        self._drive_search = list(drive_search)
+        self._baudrate = baudrate
+        self._poll = poll_interval
+
+    @property
+    def device(self) -> DiscoveredDevice:
+        """The device this board drives."""
+        return self._device
+
+    async def flash(self, firmware: Path, timeout: float) -> None:
+        """Touch → UF2 drive → copy → serial; HardwareError naming the step that failed."""
+        try:
+            image = await asyncio.to_thread(firmware.read_bytes)
+        except OSError as exc:
+            raise HardwareError("copy", f"cannot read firmware {firmware}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        claims = _claims()
+        with flashing.flashing(self._device.device_id):
+            drive = await self._enter_bootloader(claims, deadline)
+            try:
+                await self._copy(drive, firmware.name, image)
+                await self._wait_for_port(deadline, f"after copying {firmware.name}")
+            finally:
+                # Held until the port is back, so the drive is gone before anyone may take it.
+                claims.claimed.discard(drive)
+            link = await self.open_serial(max(deadline - loop.time(), 0.0))
+            await link.close()
+
+    async def open_serial(self, timeout: float) -> SerialLink:
+        """Open the CDC data port, waiting up to `timeout` for it to exist."""
+        loop = asyncio.get_running_loop()
+        await self._wait_for_port(loop.time() + timeout, "to open it")
+        return open_link(self._port, self._baudrate)
+
+    async def _enter_bootloader(self, claims: _DriveClaims, deadline: float) -> Path:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await claims.entry.acquire()
+        except TimeoutError:
+            raise HardwareError(
+                "touch", "timed out waiting for other boards to enter their bootloaders"
+            ) from None
+        try:
+            before = uf2_drives(self._drive_search)
+            touched = touch_1200(self._port)
+            # A board whose port is absent may already sit in its bootloader (a flash that did
+            # not boot): then a drive that was there before counts too.
+            excluded = before if touched else set()
+            while True:
+                fresh = uf2_drives(self._drive_search) - excluded - claims.claimed
+                if fresh:
+                    drive = min(fresh)
+                    claims.claimed.add(drive)
+                    return drive
+                if loop.time() >= deadline:
+                    what = "after the 1200-baud touch" if touched else "(the port was absent)"
+                    raise HardwareError("uf2-drive", f"no UF2 drive appeared {what}")
+                await asyncio.sleep(self._poll)
+        finally:
+            claims.entry.release()
+
+    async def _copy(self, drive: Path, name: str, image: bytes) -> None:
+        target = drive / (name if name.lower().endswith(".uf2") else f"{name}.uf2")
+        try:
+            await asyncio.to_thread(_write_and_sync, target, image)
+        except OSError as exc:
+            raise HardwareError("copy", f"writing {target} failed: {exc}") from exc
+
+    async def _wait_for_port(self, deadline: float, why: str) -> None:
+        loop = asyncio.get_running_loop()
+        # A stat per poll is cheap; a port that never appears is what the deadline is for.
+        while not os.path.exists(self._port):  # noqa: ASYNC240
+            if loop.time() >= deadline:
+                raise HardwareError("serial", f"port {self._port} did not appear {why}")
+            await asyncio.sleep(self._poll)
+
+
+def _write_and_sync(target: Path, image: bytes) -> None:
+    # The bootloader reboots once it has every block; fsync makes sure it gets them now rather
+    # than whenever the page cache is flushed.
+    with open(target, "wb") as out:
+        out.write(image)
+        out.flush()
+        os.fsync(out.fileno())
