@@ -12,6 +12,7 @@ event numbered below N. Operator readers only read numbered events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from sqlalchemy import func, literal, select, update
@@ -26,6 +27,8 @@ from icefarm_control.storage.models import event_sequences, events
 log = structlog.get_logger(__name__)
 UNSEQUENCED = outbox.UNSEQUENCED
 BATCH = 1000
+# The pause between two numbering rounds (the operator feed's added latency, at most).
+GATHER_SECONDS = 0.05
 
 
 async def number_operator_events(conn: AsyncConnection, limit: int = BATCH) -> int:
@@ -89,4 +92,7 @@ async def run_sequencer(
             if last_round:
                 return
             if numbered < BATCH:
+                # Gather a batch: one numbering transaction per pause, not one per commit.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), GATHER_SECONDS)
                 await wake.wait(poll_seconds)
