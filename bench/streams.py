@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -168,6 +169,13 @@ def main() -> None:
             url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
         else:
             url = f"sqlite+aiosqlite:///{tmp}/bench.db"
+        # As an operator deploys: the schema first, then the control (which then never loads
+        # the migration tooling).
+        subprocess.run(
+            [sys.executable, "-m", "icefarm_control.cli", "db", "upgrade", "--database", url],
+            check=True,
+            cwd=ROOT,
+        )
         process, address = start_control_process(
             url, Path(tmp) / "control.log",
             "--heartbeat-interval", f"{args.heartbeat}s",

@@ -1,115 +1,136 @@
-"""`icefarm demo`: a control on SQLite in a temporary directory, a farm of simulated boards,
-and a short walk through reserving, waiting, extending and releasing.
-
-Until the worker daemon lands, the boards are put into the control's database through the
-storage layer's test-only path; everything after that goes through the real gRPC API.
-"""
+"""`icefarm demo`: a control on SQLite in a temporary directory, a worker with simulated
+boards, and an experiment run through the client library — then everything stops cleanly."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import argparse
+import hashlib
+import json
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
-import grpc
-from google.protobuf import duration_pb2
-
-from icefarm.v1 import control_service_pb2 as cpb
-from icefarm.v1 import control_service_pb2_grpc as cpb_grpc
-from icefarm.v1 import reservation_service_pb2 as rpb
-from icefarm.v1 import reservation_service_pb2_grpc as rpb_grpc
-from icefarm.v1 import types_pb2
+from icefarm_client.cli.experiment import RESULT_COLUMNS, result_row
+from icefarm_client.cli.output import Progress, table
+from icefarm_client.errors import IcefarmError
+from icefarm_client.sync import Client
 from icefarm_control.launch import start_control_process
-from icefarm_control.storage.database import Database
-from icefarm_control.storage.migrate import upgrade
-from icefarm_control.storage.testing import seed_farm
+from icefarm_worker.simulator.firmware import expected_pulse_count
+
+BITSTREAM_SIZE = 104090
+BIN = Path(sys.executable).parent
 
 
-def _seconds(value: float) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=int(value), nanos=int(value % 1 * 1e9))
+def demo_bitstream(seed: int) -> bytes:
+    """A deterministic pseudo-random 104090-byte bitstream."""
+    block = hashlib.sha256(f"icefarm-demo-{seed}".encode()).digest()
+    return (block * (BITSTREAM_SIZE // len(block) + 1))[:BITSTREAM_SIZE]
 
 
-def _state(value: int) -> str:
-    return types_pb2.DeviceState.Name(value).removeprefix("DEVICE_STATE_")  # type: ignore[arg-type]
+def _start_worker(control: str, boards: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    command = [
+        str(BIN / "icefarm-worker"), "run", "--control", control, "--simulate", str(boards),
+        "--name", "demo-worker", "--listen", "127.0.0.1:0", "--log-format", "json",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "worker serving":
+                return process, str(record["endpoint"])
+        time.sleep(0.05)
+    process.kill()
+    raise IcefarmError(f"the worker did not start; see {log}")
 
 
-async def _walk_through(address: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        reservations = rpb_grpc.ReservationServiceStub(channel)
-        control = cpb_grpc.ControlServiceStub(channel)
-        alice = (("icefarm-client-id", "alice"),)
-        bob = (("icefarm-client-id", "bob"),)
-
-        workers = await control.ListWorkers(cpb.ListWorkersRequest())
-        print(f"farm: {len(workers.workers)} workers")
-        for w in workers.workers:
-            print(f"  {w.name:<10} {w.endpoint:<18} {w.device_count} boards")
-        free = await reservations.GetAvailability(rpb.GetAvailabilityRequest())
-        print(f"{free.count} boards available")
-
-        mine = await reservations.Reserve(
-            rpb.ReserveRequest(count=4, mode="pulsecount", duration=_seconds(600)), metadata=alice
-        )
-        print(
-            f"\nalice reserved {len(mine.reservation.devices)} boards (pulsecount, 10 min lease):"
-        )
-        for d in mine.reservation.devices:
-            print(f"  {d.id:<14} on {d.worker:<10} {_state(d.state)}")
-
-        try:
-            await reservations.Reserve(rpb.ReserveRequest(count=6), metadata=bob)
-        except grpc.aio.AioRpcError as error:
-            print(f"\nbob asked for 6 at once: {error.code().name}: {error.details()}")
-
-        print("bob queues for 6 boards (waits up to 30 s) ...")
-        waiting = asyncio.ensure_future(
-            reservations.Reserve(
-                rpb.ReserveRequest(count=6, wait_timeout=_seconds(30)), metadata=bob
-            )
-        )
-        await asyncio.sleep(0.5)  # let bob's request reach the queue (a demo, not a test)
-        released = await reservations.Release(
-            rpb.ReleaseRequest(reservation_ids=[mine.reservation.id]), metadata=alice
-        )
-        print(f"alice released {len(released.device_ids)} boards")
-        bobs = await waiting
-        print(f"bob was served at once: {len(bobs.reservation.devices)} boards")
-
-        extended = await reservations.Extend(
-            rpb.ExtendRequest(all=True, duration=_seconds(3600)), metadata=bob
-        )
-        print(f"bob extended his lease to {extended.reservations[0].end_time.ToJsonString()}")
-        await reservations.Release(rpb.ReleaseRequest(all=True), metadata=bob)
-        free = await reservations.GetAvailability(rpb.GetAvailabilityRequest())
-        print(f"bob released everything; {free.count} boards available again")
+def _stop(process: subprocess.Popen[bytes] | None, name: str) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        print(f"the {name} did not stop within 20 s; killing it", file=sys.stderr)
+        process.kill()
+        process.wait(timeout=10)
 
 
-def run_demo(boards: int = 8, *, keep_running: bool = False) -> int:
-    """Run the demo end to end; returns the exit code."""
+def _commands(address: str) -> None:
+    print(f"\nThe control is at {address}. Try, in another terminal:")
+    print(f"  icefarm --control {address} status")
+    print(f"  icefarm --control {address} devices kind=pico2-ice")
+    print(f"  icefarm --control {address} reserve 2 --mode pulsecount")
+    print(f"  icefarm --control {address} watch")
+    print(f"  grpcurl -plaintext {address} list")
+    print(f"  grpcurl -plaintext -d '{{}}' {address} icefarm.v1.ControlService/ListDevices")
+    print(f"  grpcurl -plaintext -H 'icefarm-client-id: me' -d '{{\"count\": 1}}' {address} "
+          "icefarm.v1.ReservationService/Reserve")  # fmt: skip
+
+
+def _experiment(client: Client, args: argparse.Namespace) -> None:
+    print(f"waiting until {args.boards} simulated boards are flashed, tested and available ...")
+    client.wait_available(args.boards, "kind=pico2-ice", timeout=timedelta(seconds=60))
+    print(f"reserving {args.count} boards in pulsecount mode ...")
+    bitstreams = {str(i): demo_bitstream(i) for i in range(args.bitstreams)}
+    with client.reserve(args.count, mode="pulsecount") as farm:
+        print(f"reservation {farm.id}: " + ", ".join(d.id for d in farm.devices))
+        progress = Progress(len(bitstreams), "evaluating ")
+        results = []
+        started = time.monotonic()
+        for result in farm.evaluate(bitstreams.items()):
+            results.append(result)
+            progress.advance(failed=not result.ok)
+        progress.close()
+        elapsed = time.monotonic() - started
+    results.sort(key=lambda r: int(r.bitstream_id))
+    table([c.upper() for c in RESULT_COLUMNS] + ["CHECK"], [
+        (*result_row(r), "✓" if r.pulse_count == expected_pulse_count(bitstreams[r.bitstream_id])
+         else "✗")
+        for r in results
+    ])  # fmt: skip
+    good = sum(r.pulse_count == expected_pulse_count(bitstreams[r.bitstream_id]) for r in results)
+    print(f"\n✓ {good}/{len(bitstreams)} results match the simulator's expected pulse count "
+          f"({elapsed:.1f} s on {args.count} boards); reservation released")  # fmt: skip
+    if good != len(bitstreams):
+        raise IcefarmError(f"{len(bitstreams) - good} results were wrong or missing")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the farm, run the experiment, print how to poke at it, stop everything."""
+    control: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="icefarm-demo-") as tmp:
-        url = f"sqlite+aiosqlite:///{tmp}/control.db"
-
-        async def seed() -> None:
-            database = Database(url)
-            await upgrade(database)
-            await seed_farm(database, workers=2, boards_per_worker=boards // 2, prefix="pico")
-            await database.dispose()
-
-        asyncio.run(seed())
-        process, address = start_control_process(url, Path(tmp) / "control.log")
+        root = Path(tmp)
         try:
-            print(f"control serving on {address} (SQLite at {tmp}/control.db)\n")
-            asyncio.run(_walk_through(address))
-            print("\n(the worker daemon, dashboard and evaluate loop arrive with later issues)")
-            if keep_running:
-                print(f"the control stays up; try: grpcurl -plaintext {address} list")
-                print("press Ctrl-C to stop it")
-                with contextlib.suppress(KeyboardInterrupt):
-                    process.wait()
-            else:
-                print("to explore with grpcurl: icefarm demo --keep-running")
+            print(f"starting a control on SQLite in {root} ...")
+            try:
+                control, address = start_control_process(
+                    f"sqlite:///{root / 'control.db'}", root / "control.log"
+                )
+            except RuntimeError as exc:
+                raise IcefarmError(str(exc)) from None
+            print(f"starting a worker with {args.boards} simulated boards ...")
+            worker, _ = _start_worker(address, args.boards, root / "worker.log")
+            with Client(address, client_id="demo") as client:
+                _experiment(client, args)
+            _commands(address)
+            if args.keep_running:
+                print("\ncontrol and worker keep running; Ctrl-C stops them")
+                threading.Event().wait()
+        except KeyboardInterrupt:
+            print("\nstopping ...")
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            _stop(worker, "worker")
+            _stop(control, "control")
+    print("stopped the worker and the control")
     return 0

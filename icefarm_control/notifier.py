@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
 import psycopg
 import structlog
@@ -24,6 +25,7 @@ from sqlalchemy.engine import make_url
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 CHANNEL = "icefarm"
 EVERYONE = "*"
 # Woken once when this control starts shutting down (streams end so clients go elsewhere).
@@ -37,13 +39,91 @@ def notify_payload(topics: Iterable[str]) -> str:
     return payload if len(payload) <= MAX_PAYLOAD else EVERYONE
 
 
+class Flag:
+    """asyncio.Event's set/clear/is_set/wait in a few dozen bytes: one is held by every open
+    stream (thousands per replica), and asyncio.Event carries a deque of its own."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
+class Mailbox(Generic[T]):
+    """What asyncio.Queue does for one stream's outgoing messages (put, get, task_done, join),
+    without its three deques and its Event: a replica holds thousands of these."""
+
+    __slots__ = ("_done", "_items", "_ready", "_unfinished")
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._unfinished = 0
+        self._ready = Flag()
+        self._done = Flag()
+        self._done.set()
+
+    def put_nowait(self, item: T) -> None:
+        self._items.append(item)
+        self._unfinished += 1
+        self._done.clear()
+        self._ready.set()
+
+    async def get(self) -> T:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.pop(0)
+
+    def task_done(self) -> None:
+        self._unfinished -= 1
+        if self._unfinished <= 0:
+            self._unfinished = 0
+            self._done.set()
+
+    async def join(self) -> None:
+        """Until every item put so far has been taken and marked done."""
+        await self._done.wait()
+
+
 class Subscription:
     """An event set whenever one of its topics is woken."""
+
+    __slots__ = ("event", "notifier", "topics")
 
     def __init__(self, notifier: Notifier, topics: tuple[str, ...]) -> None:
         self.notifier = notifier
         self.topics = topics
-        self.event = asyncio.Event()
+        self.event = Flag()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """True when woken (and re-armed), False when `timeout` passed first."""

@@ -106,8 +106,8 @@ class CommandHandler:
         board = self.fleet.boards.get(prepare.device_id)
         if board is None or board.state == State.REMOVED:
             return _now(f"no device {prepare.device_id!r} on this worker")
-        if self.drains.draining:
-            return _now("the worker is draining and takes no new reservations")
+        # Even while draining: the control stopped placing reservations here when the drain
+        # began, so a prepare that still arrives belongs to one made before it, and is served.
         board.hold(prepare.reservation_id)
         work = board.prepare(prepare.reservation_id, prepare.mode, dict(prepare.mode_args))
         return asyncio.ensure_future(_ok(work))

@@ -17,6 +17,7 @@ from icefarm_control.domain import paging, reservation_log
 from icefarm_control.domain.allocation import Demand, plan_allocation
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotEnoughDevices,
     NotFound,
@@ -132,6 +133,10 @@ class ReservationEngine:
             if taken is not None:
                 reservation = await self._create(conn, client_id, spec, taken, now)
             elif spec.wait <= timedelta(0):
+                if spec.device_ids:
+                    unusable = await q.unusable_devices(conn, spec.device_ids)
+                    if unusable:
+                        raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
                 raise NotEnoughDevices(self._shortage(spec))
             else:
                 waiter_id = await q.insert_waiter(

@@ -158,9 +158,9 @@ async def feed_positions(conn: AsyncConnection, client_ids: Sequence[str]) -> li
 async def lost_client_reservations(
     conn: AsyncConnection, cutoff: datetime, limit: int, among: Sequence[str] = ()
 ) -> list[tuple[str, str]]:
-    """(reservation id, client id) of active reservations created before `cutoff` whose client
-    has had no live session since before `cutoff`: never opened one, closed it, or its replica
-    stopped refreshing it."""
+    """(reservation id, client id) of active reservations made while their client had a
+    Session open (`attached`), created before `cutoff`, whose client has had no live session
+    since before `cutoff`: closed it, or its replica stopped refreshing it."""
     sessions = client_sessions.c
     no_live_session = or_(
         sessions.client_id.is_(None),
@@ -170,7 +170,11 @@ async def lost_client_reservations(
     query = (
         select(reservations.c.id, reservations.c.client_id)
         .outerjoin(client_sessions, sessions.client_id == reservations.c.client_id)
-        .where(reservations.c.state == ACTIVE, reservations.c.create_time <= cutoff)
+        .where(
+            reservations.c.state == ACTIVE,
+            reservations.c.attached.is_(True),
+            reservations.c.create_time <= cutoff,
+        )
         .where(no_live_session)
         .order_by(reservations.c.create_time, reservations.c.id)
         .limit(limit)

@@ -57,6 +57,7 @@ from icefarm_control.storage.models import (
     devices,
     event_sequences,
     events,
+    has_open_session,
     reservation_devices,
     reservations,
     waiters,
@@ -110,6 +111,7 @@ def _reserve_statement(selector_text: str, by_ids: bool) -> Select[Any]:
                 "state",
                 "request_id",
                 "ending_soon_sent",
+                "attached",
             ],
             select(
                 bindparam("p_reservation_id", type_=String()),
@@ -122,6 +124,7 @@ def _reserve_statement(selector_text: str, by_ids: bool) -> Select[Any]:
                 literal(ReservationState.ACTIVE.value, String()),
                 bindparam("p_request_id", type_=String()),
                 literal(False, Boolean()),
+                has_open_session(bindparam("p_client_id", type_=String())),
             ).where(enough),
         )
         .returning(reservations.c.id)

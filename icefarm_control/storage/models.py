@@ -22,6 +22,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    exists,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -32,6 +34,13 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 metadata = MetaData(naming_convention=NAMING)
+
+
+def has_open_session(client_id: Any) -> Any:
+    """SQL: the client has a Session open now (on any replica)."""
+    return exists().where(
+        client_sessions.c.client_id == client_id, client_sessions.c.disconnect_time.is_(None)
+    )
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -108,6 +117,8 @@ reservations = Table(
     Column("ended_time", UtcDateTime, nullable=True),
     Column("request_id", String(128), nullable=True),
     Column("ending_soon_sent", Boolean, nullable=False, default=False),
+    # Made while its client had a Session open: the client grace applies (domain/clients.py).
+    Column("attached", Boolean, nullable=False, default=True, server_default=true()),
     Index("ix_reservations_state_end_time", "state", "end_time"),
     Index("ix_reservations_client_state", "client_id", "state"),
     UniqueConstraint("client_id", "request_id"),

@@ -23,9 +23,10 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain.selectors import Selector
-from icefarm_control.domain.states import DeviceState, ReservationState, WorkerState
+from icefarm_control.domain.states import LOST_STATES, DeviceState, ReservationState, WorkerState
 from icefarm_control.storage.models import (
     devices,
+    has_open_session,
     reservation_devices,
     reservations,
     waiters,
@@ -191,6 +192,24 @@ async def existing_device_ids(conn: AsyncConnection, device_ids: Iterable[str]) 
     return {r.id for r in rows}
 
 
+async def unusable_devices(conn: AsyncConnection, device_ids: Iterable[str]) -> list[str]:
+    """Of `device_ids`, "<id> is <why>" for each that no reservation can take until something
+    changes (broken, removed, offline, or on a worker that is not online)."""
+    query = (
+        select(devices.c.id, devices.c.state, workers.c.state.label("worker_state"))
+        .join(workers, workers.c.name == devices.c.worker_name)
+        .where(devices.c.id.in_(list(device_ids)))
+        .order_by(devices.c.id)
+    )
+    unusable: list[str] = []
+    for row in await conn.execute(query):
+        if row.state in LOST_STATE_VALUES:
+            unusable.append(f"{row.id} is {row.state.lower()}")
+        elif row.worker_state != WorkerState.ONLINE.value:
+            unusable.append(f"{row.id} is on a worker that is {row.worker_state.lower()}")
+    return unusable
+
+
 async def list_workers(
     conn: AsyncConnection, *, limit: int | None = None, after_name: str = ""
 ) -> list[WorkerRow]:
@@ -336,6 +355,7 @@ async def insert_reservation(
             state=ReservationState.ACTIVE.value,
             request_id=request_id,
             ending_soon_sent=False,
+            attached=has_open_session(client_id),
         )
     )
     await conn.execute(
@@ -347,6 +367,9 @@ async def insert_reservation(
         .where(devices.c.id.in_(list(device_ids)))
         .values(state=DeviceState.RESERVED.value, state_time=now, reservation_id=reservation_id)
     )
+
+
+LOST_STATE_VALUES = frozenset(state.value for state in LOST_STATES)
 
 
 def _reservation_select() -> Select[Any]:

@@ -29,7 +29,7 @@ from icefarm_control.domain.clients import (
 )
 from icefarm_control.domain.errors import IcefarmDomainError, InvalidArgument, Reason, Unavailable
 from icefarm_control.domain.reservations import ReservationEngine
-from icefarm_control.notifier import Notifier
+from icefarm_control.notifier import Flag, Mailbox, Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.transport import convert
 from icefarm_control.transport import events as event_messages
@@ -204,8 +204,8 @@ class ClientStream:
         self.cursor = start.resume_after
         self.sent = start.resume_after
         self.status: grpc.Status | None = None
-        self.finished = asyncio.Event()
-        self._out: asyncio.Queue[pb.SessionResponse | _End] = asyncio.Queue()
+        self.finished = Flag()
+        self._out: Mailbox[pb.SessionResponse | _End] = Mailbox()
         self._ended = False
         self._tasks: list[asyncio.Task[None]] = []
         self._watches: dict[str, Watch] = {}

@@ -26,7 +26,7 @@ from icefarm_control.domain.errors import (
     Reason,
 )
 from icefarm_control.domain.workers import Session, SessionExpired, WorkerRegistry
-from icefarm_control.notifier import Notifier, Subscription
+from icefarm_control.notifier import Flag, Notifier, Subscription
 from icefarm_control.storage.outbox import worker_topic
 from icefarm_control.transport import convert, worker_messages
 from icefarm_control.transport.errors import (
@@ -55,7 +55,7 @@ class WorkerSessionHandler:
         self.poll_seconds = poll_seconds
         self._closing = False
         # Open streams: their wake-up, and an event set once their end is recorded.
-        self._live: dict[Session, tuple[Subscription, asyncio.Event]] = {}
+        self._live: dict[Session, tuple[Subscription, Flag]] = {}
 
     async def serve(
         self, requests: Requests, context: Context
@@ -71,7 +71,7 @@ class WorkerSessionHandler:
             await abort(context, domain_status(error))
         except Exception:
             await abort(context, internal_error_status("WorkerSession"))
-        finished = asyncio.Event()
+        finished = Flag()
         try:
             yield pb.WorkerSessionResponse(
                 registered=pb.Registered(

@@ -256,6 +256,27 @@ async def test_a_killed_client_loses_its_reservations_after_the_grace(
     assert free.count == 2
 
 
+async def test_a_reservation_made_without_an_open_session_lasts_its_lease(
+    quick: RunningControl,
+) -> None:
+    """`icefarm reserve` makes a reservation and exits: only the lease bounds it. One made
+    while a Session was open is ended once the grace has passed (same sweep, same moment)."""
+    await seed_farm(quick.database, boards_per_worker=2)
+    detached = await reserve(quick, "alice", count=1)
+    session = await SessionClient.open(quick.reservations, "alice")
+    attached = await reserve(quick, "alice", count=1)
+    session.close()
+
+    async def attached_ended() -> bool:
+        rows = await reservations_of(quick, "alice")
+        return rows[attached.id].state == types_pb2.RESERVATION_STATE_ENDED
+
+    await eventually(attached_ended, what="the attached reservation to end")
+    rows = await reservations_of(quick, "alice")
+    assert rows[attached.id].end_reason == types_pb2.END_REASON_CLIENT_LOST
+    assert rows[detached.id].state == types_pb2.RESERVATION_STATE_ACTIVE
+
+
 async def test_a_client_back_within_the_grace_keeps_its_reservations_and_misses_no_event(
     quick: RunningControl,
 ) -> None:
@@ -272,10 +293,12 @@ async def test_a_client_back_within_the_grace_keeps_its_reservations_and_misses_
         return row is not None and row.disconnect_time is not None  # type: ignore[attr-defined]
 
     await eventually(disconnected, what="the disconnect to be recorded")
-    # While alice is away: one of her reservations is revoked, and carol (who never opens a
-    # Session) reserves: carol's grace runs out after alice's would have.
+    # While alice is away: one of her reservations is revoked, and carol reserves from a
+    # Session she then drops: carol's grace runs out after alice's would have.
     await quick.control.EndReservations(cpb.EndReservationsRequest(reservation_ids=[revoked.id]))
+    carol = await SessionClient.open(quick.reservations, "carol")
     canary = await reserve(quick, "carol", count=1)
+    carol.close()
     back = await SessionClient.open(quick.reservations, "alice", resume_after=1)
     missed = await back.next_event()
     assert missed.sequence == 2

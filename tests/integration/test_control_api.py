@@ -345,3 +345,22 @@ async def _until_queued(control: RunningControl, n: int, timeout: float = 10) ->
                 return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} waiters queued within {timeout}s")
+
+
+async def test_a_named_board_that_cannot_be_reserved_is_failed_precondition_naming_it(
+    control: RunningControl,
+) -> None:
+    """Held by someone else: RESOURCE_EXHAUSTED (it frees up, so waiting makes sense). Removed
+    or broken: FAILED_PRECONDITION / DEVICE_NOT_AVAILABLE, saying which and why."""
+    ids = await seed_farm(control.database, boards_per_worker=2)
+    await reserve(control, "holder", device_ids=[ids[0]])
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await reserve(control, "alice", device_ids=[ids[0]])
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(busy.value) == "NOT_ENOUGH_DEVICES"
+    await control.control.RemoveDevice(cpb.RemoveDeviceRequest(device_id=ids[1]))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await reserve(control, "alice", device_ids=[ids[1]])
+    assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(gone.value) == "DEVICE_NOT_AVAILABLE"
+    assert f"{ids[1]} is removed" in (gone.value.details() or "")

@@ -1,0 +1,225 @@
+"""`AsyncFarm`: a reservation held for the length of a `with` block, ready to evaluate on."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from icefarm_client.errors import DeadlineExceeded, DeviceFailed
+from icefarm_client.evaluate import Bitstreams, Evaluation
+from icefarm_client.models import (
+    DeviceState,
+    EndReason,
+    Event,
+    EventType,
+    Released,
+    Reservation,
+    ReservedDevice,
+    Result,
+)
+
+if TYPE_CHECKING:
+    from icefarm_client.aio import AsyncClient
+
+log = structlog.get_logger(__name__)
+READY_POLL = 1.0
+
+
+class AsyncFarm:
+    """The devices of one reservation. Entering reserves and waits until they are READY;
+    leaving releases them. Meanwhile the lease is extended whenever the control says it is
+    ending soon, and `events` records what happened to the reservation."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        count: int,
+        mode: str,
+        mode_args: dict[str, str],
+        selector: str,
+        device_ids: tuple[str, ...],
+        duration: timedelta | None,
+        wait: timedelta | None,
+        ready_timeout: timedelta,
+        auto_extend: bool,
+    ) -> None:
+        self.client = client
+        self._request: dict[str, Any] = {
+            "count": count,
+            "mode": mode,
+            "mode_args": mode_args,
+            "selector": selector,
+            "device_ids": device_ids,
+            "duration": duration,
+            "wait": wait,
+        }
+        self.duration = duration
+        self.ready_timeout = ready_timeout
+        self.auto_extend = auto_extend
+        self._reservation: Reservation | None = None
+        self.ready: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.events: list[Event] = []
+        self.ended: Event | None = None
+        self.extensions = 0
+        self._remove: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------ the with block
+
+    async def __aenter__(self) -> AsyncFarm:
+        self.client.start_session()
+        queue = self.client._subscribe()
+        try:
+            self._reservation = await self.client.create_reservation(**self._request)
+            self._remove = self.client.on(None, self._on_event)
+            await self._wait_ready(queue)
+        except BaseException:
+            if self._reservation is not None:
+                await asyncio.shield(self._release_quietly())
+            raise
+        finally:
+            self.client._subscribers.remove(queue)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self._release_quietly())
+
+    async def _release_quietly(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+        if self._reservation is None or self.ended is not None:
+            return
+        try:
+            await self.client.release(self._reservation.id)
+        except Exception as exc:  # leaving must not hide the block's own exception
+            log.warning("release failed", reservation=self._reservation.id, error=str(exc))
+
+    # ------------------------------------------------------------ what it holds
+
+    @property
+    def reservation(self) -> Reservation:
+        """The reservation (with the newest worker token)."""
+        if self._reservation is None:
+            raise RuntimeError("enter the farm with `with` first")
+        return self._reservation
+
+    @property
+    def id(self) -> str:
+        """The reservation id."""
+        return self.reservation.id
+
+    @property
+    def devices(self) -> tuple[ReservedDevice, ...]:
+        """The held devices that are READY and have not failed."""
+        return tuple(
+            d for d in self.reservation.devices if d.id in self.ready and d.id not in self.failed
+        )
+
+    async def extend(self, duration: timedelta | None = None) -> Reservation:
+        """Move the lease end to `duration` from now (default: the reserve's duration)."""
+        (extended,) = await self.client.extend(self.id, duration=duration or self.duration)
+        self._take_extension(extended)
+        return self.reservation
+
+    async def release(self) -> Released:
+        """Release the devices now (leaving the block then does nothing more)."""
+        released = await self.client.release(self.id)
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+        self.ended = Event(EventType.RESERVATION_ENDED, reservation_id=self.id)
+        return released
+
+    def evaluate(self, bitstreams: Bitstreams, *, in_flight: int = 2) -> AsyncIterator[Result]:
+        """Evaluate bitstreams (paths, bytes, or (id, bytes) pairs) on every held board,
+        yielding each Result as it arrives. At most `in_flight` bitstreams wait per board."""
+        boards: Counter[tuple[str, str]] = Counter(
+            (d.worker_endpoint, d.worker) for d in self.devices
+        )
+        run = Evaluation(self.client, self.reservation.token, dict(boards), bitstreams, in_flight)
+        return run.results()
+
+    # ------------------------------------------------------------ readiness and events
+
+    async def _wait_ready(self, queue: asyncio.Queue[Event]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout.total_seconds()
+        self._note_states(self.reservation)
+        while not self._settled():
+            left = deadline - loop.time()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"reservation {self.id}: devices not ready within {self.ready_timeout}"
+                )
+            try:
+                event = await asyncio.wait_for(queue.get(), min(READY_POLL, left))
+            except TimeoutError:
+                # Events are the fast path; a look at the reservation catches anything missed.
+                current = [r for r in await self.client.reservations() if r.id == self.id]
+                if not current:
+                    raise DeviceFailed(
+                        f"reservation {self.id} ended before its devices were ready"
+                    ) from None
+                self._note_states(current[0])
+                continue
+            if event.type is EventType.DEVICE_READY and event.reservation_id == self.id:
+                self.ready.add(event.device_id)
+        if not self.devices:
+            errors = "; ".join(f"{k}: {v}" for k, v in sorted(self.failed.items()))
+            reason = self.ended.reason.value if self.ended else errors
+            raise DeviceFailed(f"reservation {self.id}: no device became ready ({reason})")
+
+    def _note_states(self, reservation: Reservation) -> None:
+        for device in reservation.devices:
+            if device.state is DeviceState.READY:
+                self.ready.add(device.id)
+            elif device.state is DeviceState.BROKEN or (
+                device.released_reason is not EndReason.UNSPECIFIED
+            ):
+                self.failed.setdefault(device.id, device.state.value)
+
+    def _settled(self) -> bool:
+        if self.ended is not None:
+            return True
+        return all(d.id in self.ready or d.id in self.failed for d in self.reservation.devices)
+
+    def _on_event(self, event: Event) -> None:
+        mine = event.reservation_id == self.id or self.id in event.reservation_ids
+        if not mine or self._reservation is None:
+            return
+        self.events.append(event)
+        if event.type is EventType.DEVICE_READY:
+            self.ready.add(event.device_id)
+        elif event.type is EventType.DEVICE_FAILED:
+            self.failed[event.device_id] = event.error or "failed"
+        elif event.type is EventType.RESERVATION_ENDED:
+            for device_id in event.device_ids:
+                self.failed.setdefault(device_id, f"released: {event.reason.value}")
+            if event.reservation_closed:
+                self.ended = event
+        elif event.type is EventType.RESERVATION_ENDING_SOON and self.auto_extend:
+            task = asyncio.ensure_future(self._auto_extend())
+            self.client._pending.add(task)
+            task.add_done_callback(self.client._callback_done)
+
+    async def _auto_extend(self) -> None:
+        try:
+            await self.extend()
+            log.info("lease extended", reservation=self.id)
+        except Exception as exc:
+            log.warning("automatic extend failed", reservation=self.id, error=str(exc))
+
+    def _take_extension(self, extended: Reservation) -> None:
+        self.extensions += 1
+        token = extended.token or self.reservation.token
+        self._reservation = dataclasses.replace(
+            self.reservation, end_time=extended.end_time, token=token
+        )

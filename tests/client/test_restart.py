@@ -1,0 +1,53 @@
+"""The control is killed mid-experiment and restarted on the same database and port: the
+experiment goes on without losing a result or its reservation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import icefarm_client as ic
+from icefarm_worker.simulator.firmware import expected_pulse_count
+from tests.client.bitstreams import bitstream
+from tests.client.conftest import wait_available
+from tests.client.processes import Processes, eventually
+
+Clients = Callable[..., ic.Client]
+# Liveness timers long enough that the worker is not given up on while the control is down.
+PATIENT = ("--offline-timeout", "20s", "--worker-grace", "60s")
+
+
+def test_killing_and_restarting_the_control_loses_no_result_and_no_reservation(
+    procs: Processes, clients: Clients
+) -> None:
+    database = procs.root / "control.db"
+    control = procs.control(database, 0, *PATIENT)
+    port = int(control.address.rsplit(":", 1)[1])
+    procs.worker(control.address, 3)
+    alice = clients(control.address, "alice")
+    wait_available(alice, 3)
+    data = [bitstream(300 + i) for i in range(30)]
+    results: list[ic.Result] = []
+    with alice.reserve(2, mode="pulsecount") as farm:
+        session = alice.aio.session
+        assert session.connections == 1
+        for result in farm.evaluate(data, in_flight=1):
+            results.append(result)
+            if len(results) == 5:
+                control.kill()
+                control = procs.control(database, port, *PATIENT)
+        # The Session came back on its own, resuming after the last event it had seen.
+        eventually(lambda: session.connections >= 2 and session.connected.is_set(), 30, "resume")
+        assert [r.id for r in alice.reservations()] == [farm.id]
+        before = session.last_sequence
+        farm.extend()
+        eventually(
+            lambda: any(e.type is ic.EventType.RESERVATION_EXTENDED for e in farm.events),
+            what="an event after the restart",
+        )
+        assert session.last_sequence > before
+        sequences = [e.sequence for e in farm.events if e.sequence]
+        assert sequences == sorted(set(sequences))  # none lost twice, none out of order
+    assert sorted(int(r.bitstream_id) for r in results) == list(range(30))
+    assert all(r.pulse_count == expected_pulse_count(data[int(r.bitstream_id)]) for r in results)
+    (ended,) = alice.reservations(include_ended=True)
+    assert ended.end_reason is ic.EndReason.RELEASED
