@@ -1,10 +1,12 @@
 """Client feeds: how fast a waiting client hears that boards are free, and how many idle
 Sessions one control replica holds.
 
-1. DevicesAvailable latency: from the start of a holder's Release to a watching client's
+1. DevicesAvailable latency: from a board becoming available (the state_time the control
+   stamps on it in the release transaction, before the commit) to a watching client's
    DevicesAvailable (WatchAvailability with count 1), p50/p99 over the rounds, with 1, 8 and
-   32 waiting clients: on one replica (SQLite, then PostgreSQL) and across two replicas on
-   PostgreSQL (the Sessions on replica B, the releases through replica A).
+   32 waiting clients; also from the start of the holder's Release call, and the call itself.
+   On one replica (SQLite, then PostgreSQL) and across two replicas on PostgreSQL (the
+   Sessions on replica B, the releases through replica A).
 2. Idle Sessions: open Sessions step by step up to 5,000 against one replica (SQLite), each
    pinging every 10 s, and print the control process's RSS (VmRSS) and the ping round trip.
 
@@ -35,6 +37,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from icefarm.v1 import control_service_pb2 as cpb  # noqa: E402
+from icefarm.v1 import control_service_pb2_grpc as cpb_grpc  # noqa: E402
 from icefarm.v1 import reservation_service_pb2 as pb  # noqa: E402
 from icefarm.v1 import reservation_service_pb2_grpc as pb_grpc  # noqa: E402
 from icefarm_control.launch import start_control_process  # noqa: E402
@@ -84,7 +88,7 @@ class Session:
                 message = await self.call.read()
                 if not isinstance(message, pb.SessionResponse):
                     return  # the stream ended
-                now = time.perf_counter()
+                now = time.time()  # wall clock: compared with the control's timestamps
                 if message.WhichOneof("kind") == "pong":
                     future = self.pongs.pop(message.pong.nonce, None)
                 elif message.event.WhichOneof("kind") == "devices_available":
@@ -98,7 +102,7 @@ class Session:
         """Round trip in seconds."""
         future = asyncio.get_running_loop().create_future()
         self.pongs[nonce] = future
-        started = time.perf_counter()
+        started = time.time()
         await self.call.write(pb.SessionRequest(ping=pb.Ping(nonce=nonce)))
         answered: float = await asyncio.wait_for(future, 30)
         return answered - started
@@ -128,14 +132,16 @@ class Session:
 
 async def availability_latency(
     session_address: str, release_address: str, clients: int, rounds: int
-) -> tuple[list[float], list[float]]:
-    """Seconds from the start of each Release to each waiting client's DevicesAvailable, and
-    how long each Release call took."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds from each board becoming available (its state_time, stamped by the control in
+    the release transaction, before the commit) to each waiting client's DevicesAvailable;
+    seconds from the start of each Release call to the same; how long each Release took."""
     async with (
         grpc.aio.insecure_channel(session_address) as session_channel,
         grpc.aio.insecure_channel(release_address) as release_channel,
     ):
         holder = async_stub(release_channel)
+        operator = cpb_grpc.ControlServiceStub(release_channel)
         held = []
         for i in range(rounds):
             answer = await holder.Reserve(pb.ReserveRequest(device_ids=[board(i)]), metadata=HOLDER)
@@ -144,29 +150,37 @@ async def availability_latency(
         sessions = [Session(stub, f"waiter-{uuid.uuid4().hex[:8]}") for _ in range(clients)]
         await asyncio.gather(*(s.open() for s in sessions))
         latencies: list[float] = []
+        from_call: list[float] = []
         releases: list[float] = []
         try:
             for i in range(rounds):
                 selector = f"id={board(i)}"
                 arrivals = await asyncio.gather(*(s.watch(selector) for s in sessions))
-                started = time.perf_counter()
+                started = time.time()
                 await holder.Release(pb.ReleaseRequest(reservation_ids=[held[i]]), metadata=HOLDER)
-                releases.append(time.perf_counter() - started)
+                releases.append(time.time() - started)
+                device = await operator.GetDevice(cpb.GetDeviceRequest(device_id=board(i)))
+                available = device.device.state_time.ToDatetime().timestamp()
                 for arrived in await asyncio.wait_for(asyncio.gather(*arrivals), 30):
-                    latencies.append(arrived - started)
+                    latencies.append(arrived - available)
+                    from_call.append(arrived - started)
                 await asyncio.gather(*(s.unwatch(selector) for s in sessions))
         finally:
             await asyncio.gather(*(s.close() for s in sessions))
-        return latencies, releases
+        return latencies, from_call, releases
 
 
-def report_latency(label: str, clients: int, latencies: list[float], releases: list[float]) -> None:
+def report_latency(
+    label: str, clients: int, latencies: list[float], from_call: list[float], releases: list[float]
+) -> None:
+    def ms(values: list[float]) -> str:
+        p50, p99 = statistics.median(values) * 1000, percentile(values, 0.99) * 1000
+        return f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms"
+
     print(
-        f"{label:<24} {clients:>3} waiting  DevicesAvailable p50 "
-        f"{statistics.median(latencies) * 1000:6.1f} ms  p99 "
-        f"{percentile(latencies, 0.99) * 1000:6.1f} ms  ({len(latencies)} samples)  "
-        f"[the Release call itself: p50 {statistics.median(releases) * 1000:5.1f} ms  "
-        f"p99 {percentile(releases, 0.99) * 1000:5.1f} ms]",
+        f"{label:<24} {clients:>3} waiting  board available → DevicesAvailable {ms(latencies)}"
+        f"  ({len(latencies)} samples)  [from the start of the Release call: {ms(from_call)};"
+        f" the Release call itself: {ms(releases)}]",
         flush=True,
     )
 
@@ -293,10 +307,10 @@ def run_latency(backend: str, replicas: int, levels: list[int], rounds: int) -> 
             asyncio.run(seed(url, rounds))
             with controls(url, Path(tmp), replicas) as running:
                 sessions_at, releases_at = running[-1][1], running[0][1]
-                latencies, releases = asyncio.run(
+                latencies, from_call, releases = asyncio.run(
                     availability_latency(sessions_at, releases_at, clients, rounds)
                 )
-                report_latency(label, clients, latencies, releases)
+                report_latency(label, clients, latencies, from_call, releases)
 
 
 def main() -> None:

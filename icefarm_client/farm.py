@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from icefarm_client.models import (
 if TYPE_CHECKING:
     from icefarm_client.aio import AsyncClient
 
+# How long reserve() waits for the Session before reserving anyway.
+SESSION_WAIT = 10.0
 log = structlog.get_logger(__name__)
 READY_POLL = 1.0
 
@@ -77,6 +80,10 @@ class AsyncFarm:
         self.client.start_session()
         queue = self.client._subscribe()
         try:
+            # Reserve with the Session open: the control then ends this reservation if this
+            # process dies (after the client grace) instead of holding it to the lease end.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.client.session.connected.wait(), SESSION_WAIT)
             self._reservation = await self.client.create_reservation(**self._request)
             self._remove = self.client.on(None, self._on_event)
             await self._wait_ready(queue)
