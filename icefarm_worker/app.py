@@ -15,10 +15,9 @@ import socket
 
 import grpc
 import structlog
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from icefarm.reflection import enable_reflection
 from icefarm.v1 import worker_service_pb2, worker_service_pb2_grpc
 from icefarm_worker.access import Access
 from icefarm_worker.backends import Hardware, open_hardware
@@ -149,11 +148,7 @@ class WorkerApp:
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-            pool=descriptor_pool.Default(),
-        )
+        enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import grpc
-from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from icefarm.reflection import enable_reflection
 from icefarm.v1 import (
     control_service_pb2,
     control_service_pb2_grpc,
@@ -39,30 +36,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-class MethodAwarePool:
-    """A descriptor pool that also finds the file declaring a service method, which the upb
-    pool does not (grpc/grpc#34743), so `grpcurl describe pkg.Service.Method` works."""
-
-    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
-        self._pool = pool
-
-    def FindFileContainingSymbol(self, name: str) -> descriptor.FileDescriptor:
-        try:
-            return self._pool.FindFileContainingSymbol(name)
-        except KeyError:
-            service_name, _, method = name.rpartition(".")
-            try:
-                service = self._pool.FindServiceByName(service_name)
-            except KeyError:
-                raise KeyError(name) from None
-            if method not in service.methods_by_name:
-                raise
-            return service.file
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
-
-
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -76,11 +49,7 @@ def build_server(
     control_service_pb2_grpc.add_ControlServiceServicer_to_server(control, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        server,
-        pool=cast(descriptor_pool.DescriptorPool, MethodAwarePool(descriptor_pool.Default())),
-    )
+    enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:

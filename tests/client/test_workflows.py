@@ -58,7 +58,7 @@ def test_reserve_specific_boards_by_id(farm: RunningFarm, clients: Clients) -> N
     with pytest.raises(ic.NotEnoughDevices):
         bob.create_reservation(device_ids=["sim-003"])
     bob.remove_device("sim-000")
-    with pytest.raises(ic.NotEnoughDevices):
+    with pytest.raises(ic.DeviceNotAvailable, match="sim-000 is removed"):
         bob.create_reservation(device_ids=["sim-000"])
 
 

@@ -117,10 +117,17 @@ async def test_worker_and_client_on_different_replicas_survive_killing_one(
                 rpb.ReleaseRequest(reservation_ids=[granted.reservation.id]),
                 metadata=as_client("ada"),
             )
-            ended = await session.next_event(timeout=15)
+            # If the move took longer than the offline timeout, the boards went OFFLINE and
+            # came back READY: the holder hears that (device_ready again), which is news, not
+            # a duplicate. Whatever came, it came once each, numbered without a gap.
+            tail = [await session.next_event(timeout=15)]
+            while tail[-1].WhichOneof("kind") == "device_ready":
+                tail.append(await session.next_event(timeout=15))
+            ended = tail[-1]
             assert ended.WhichOneof("kind") == "reservation_ended"
             assert ended.reservation_ended.reason == types_pb2.END_REASON_RELEASED
-            assert [e.sequence for e in [*ready, ended]] == [1, 2, 3]
+            numbers = [e.sequence for e in [*ready, *tail]]
+            assert numbers == list(range(1, len(numbers) + 1))
             await eventually(lambda: _count(stub), timeout=15, what="boards back on B")
             session.close()
 
