@@ -107,6 +107,7 @@ class ControlApp:
             timers=self.config.timers,
             limits=Limits(),
             notifier=self.notifier,
+            concurrency=self.config.db_concurrency,
         )
         inventory = Inventory(self.database, self.engine, clock, self.engine.limits)
         timers, limits, replica = self.engine.timers, self.engine.limits, self.engine.replica_id

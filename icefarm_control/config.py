@@ -145,6 +145,12 @@ SETTINGS: tuple[Setting, ...] = (
         "(default: a random key per process)",
     ),
     Setting("db_pool_size", _positive_int, "PostgreSQL connections per replica"),
+    Setting(
+        "db_concurrency",
+        _positive_int,
+        "Reserve/Release statements one replica runs on PostgreSQL at once; more wait their "
+        "turn in arrival order (default: 3 x the CPU count)",
+    ),
 )
 
 
@@ -167,6 +173,7 @@ class ControlConfig:
     shutdown_grace: timedelta = timedelta(seconds=10)
     token_key: str = ""
     db_pool_size: int = 10
+    db_concurrency: int = field(default_factory=lambda: 3 * (os.cpu_count() or 2))
 
     @property
     def timers(self) -> Timers:

@@ -92,6 +92,7 @@ class ReservationEngine:
         limits: Limits | None = None,
         replica_id: str = "",
         notifier: Notifier | None = None,
+        concurrency: int = 8,
     ) -> None:
         self.db = database
         self.signer = signer
@@ -102,6 +103,9 @@ class ReservationEngine:
         self.notifier = notifier or Notifier()
         # Queue entries whose Reserve call is waiting in this process.
         self._waiting: set[int] = set()
+        # Past a few statements at once, PostgreSQL on a small machine gets slower, not faster
+        # (backends and WAL writers crowd the CPUs): the rest wait here, in arrival order.
+        self._fast_lane = asyncio.Semaphore(concurrency)
         self._abandoning: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ reserve
@@ -109,7 +113,8 @@ class ReservationEngine:
     async def reserve(self, client_id: str, spec: ReserveSpec) -> Grant:
         """All `spec.needed` devices or none; waits in line up to `spec.wait` when short."""
         if self.db.is_postgresql:
-            quick = await self._reserve_in_one_statement(client_id, spec)
+            async with self._fast_lane:
+                quick = await self._reserve_in_one_statement(client_id, spec)
             if quick is not None:
                 return self.grant(quick)
         now = self.clock.now()
@@ -387,7 +392,8 @@ class ReservationEngine:
         if not (device_ids or reservation_ids or everything):
             raise InvalidArgument("device_ids", "name devices or reservations, or set all")
         if self.db.is_postgresql and len(reservation_ids) == 1 and not (device_ids or everything):
-            quick = await self._release_in_one_statement(client_id, reservation_ids[0])
+            async with self._fast_lane:
+                quick = await self._release_in_one_statement(client_id, reservation_ids[0])
             if quick is not None:
                 return quick
         async with self.db.write() as conn:
