@@ -8,9 +8,9 @@ import sys
 
 from sqlalchemy.exc import DBAPIError
 
+from icefarm.logs import configure_logging
 from icefarm_control.app import ControlApp
 from icefarm_control.config import ConfigError, add_arguments, resolve
-from icefarm_control.logs import configure_logging
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import current_revision, head_revision, upgrade
 from icefarm_control.transport.server import BindError

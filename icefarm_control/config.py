@@ -7,21 +7,19 @@ import argparse
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from icefarm.settings import ConfigError as ConfigError
+from icefarm.settings import Setting, layered_values
 from icefarm_control.domain.settings import Timers
 from icefarm_control.storage.database import default_database_url
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message names it."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -63,21 +61,6 @@ def _token_key(text: str) -> str:
     if text and len(text.encode()) < 16:
         raise ValueError("must be at least 16 characters")
     return text
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    parse: Callable[[str], Any]
-    help: str
-
-    @property
-    def env(self) -> str:
-        return "ICEFARM_" + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
 
 
 _T = Timers()
@@ -218,18 +201,5 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         unknown = sorted(set(file_values) - known)
         if unknown:
             raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        for source, raw in (
-            (setting.flag, getattr(args, setting.name, None)),
-            (setting.env, environ.get(setting.env)),
-            (f"{config_path}: {setting.name}", file_values.get(setting.name)),
-        ):
-            if raw is None:
-                continue
-            try:
-                values[setting.name] = setting.parse(str(raw))
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}") from exc
-            break
+    values = layered_values(SETTINGS, args, environ, file_values, config_path)
     return ControlConfig(**values)

@@ -18,6 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from icefarm.reflection import enable_reflection
+from icefarm.server_options import server_options
 from icefarm.v1 import worker_service_pb2, worker_service_pb2_grpc
 from icefarm_worker.access import Access
 from icefarm_worker.backends import Hardware, open_hardware
@@ -32,16 +33,7 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Bitstreams are ~104 KB; leave room for bigger images and modes.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
 
 
 class BindError(RuntimeError):

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from icefarm.logs import configure_logging
 from icefarm_worker.app import BindError, WorkerApp
 from icefarm_worker.config import ConfigError, add_arguments, parse_seconds, resolve
-from icefarm_worker.logs import configure_logging
 
 PROG = "icefarm-worker"
 

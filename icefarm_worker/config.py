@@ -17,15 +17,15 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from icefarm import settings
+from icefarm.settings import ConfigError as ConfigError
+from icefarm.settings import layered_values
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 ENV_PREFIX = "ICEFARM_WORKER_"
-
-
-class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message names it."""
 
 
 def parse_seconds(text: str) -> float:
@@ -86,22 +86,10 @@ def _pairs(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One scalar setting: its flag, environment variable and TOML key derive from `name`."""
+class Setting(settings.Setting):
+    """A worker setting: environment variables start with ICEFARM_WORKER_."""
 
-    name: str
-    parse: Callable[[str], Any]
-    help: str
-
-    @property
-    def env(self) -> str:
-        """The environment variable that sets it."""
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        """The command-line flag that sets it."""
-        return "--" + self.name.replace("_", "-")
+    ENV_PREFIX: ClassVar[str] = "ICEFARM_WORKER_"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -214,20 +202,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     environ = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     file_values = _read_file(config_path) if config_path else {}
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        for source, raw in (
-            (setting.flag, getattr(args, setting.name, None)),
-            (setting.env, environ.get(setting.env)),
-            (f"{config_path}: {setting.name}", file_values.get(setting.name)),
-        ):
-            if raw is None:
-                continue
-            try:
-                values[setting.name] = setting.parse(str(raw))
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}") from exc
-            break
+    values = layered_values(SETTINGS, args, environ, file_values, config_path)
     values["labels"] = _table(
         getattr(args, "labels", None),
         environ.get(ENV_PREFIX + "LABELS"),

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 
-from icefarm_control.logs import configure_logging
+from icefarm.logs import configure_logging
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import upgrade
 

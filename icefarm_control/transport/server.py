@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from icefarm.reflection import enable_reflection
+from icefarm.server_options import server_options
 from icefarm.v1 import (
     control_service_pb2,
     control_service_pb2_grpc,
@@ -21,19 +22,7 @@ SERVICE_NAMES = (
     control_service_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
 )
 
-# ARCHITECTURE §7: clients ping every 10 s; we accept pings every 5 s even without calls, and
-# ping idle clients ourselves so half-open connections are found. so_reuseport=0 makes a port
-# that is already taken an error instead of a silent second listener.
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
-]
+SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES, 16 * MAX_MESSAGE_BYTES)
 
 
 class BindError(RuntimeError):

@@ -1,4 +1,5 @@
-"""structlog set-up for the worker: human console lines or one JSON object per line."""
+"""structlog set-up shared by the control and the worker: human console lines or one JSON
+object per line, on stderr."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import structlog
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
-    """Route structlog (and stdlib warnings) to stderr in the chosen format."""
     numeric = getattr(logging, level.upper())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()

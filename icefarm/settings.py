@@ -1,0 +1,60 @@
+"""Settings resolved in layers — command-line flag, then environment variable, then TOML file —
+shared by `icefarm-control` and `icefarm-worker`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A setting could not be used; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One scalar setting: its flag, environment variable and TOML key derive from `name`."""
+
+    ENV_PREFIX: ClassVar[str] = "ICEFARM_"
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it."""
+        return self.ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets it."""
+        return "--" + self.name.replace("_", "-")
+
+
+def layered_values(
+    settings: Iterable[Setting],
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    config_path: str | None,
+) -> dict[str, Any]:
+    """Each setting from the first place that has it (flag, environment, file), parsed; the
+    ones found nowhere are left out (their defaults apply). ConfigError names the source."""
+    values: dict[str, Any] = {}
+    for setting in settings:
+        for source, raw in (
+            (setting.flag, getattr(args, setting.name, None)),
+            (setting.env, environ.get(setting.env)),
+            (f"{config_path}: {setting.name}", file_values.get(setting.name)),
+        ):
+            if raw is None:
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+            break
+    return values
