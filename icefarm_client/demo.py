@@ -65,8 +65,12 @@ def _stop(process: subprocess.Popen[bytes] | None, name: str) -> None:
         process.wait(timeout=10)
 
 
-def _commands(address: str) -> None:
-    print(f"\nThe control is at {address}. Try, in another terminal:")
+def _commands(address: str, keep_running: bool) -> None:
+    if keep_running:
+        print(f"\nThe control is at {address}. Try, in another terminal:")
+    else:
+        print(f"\nThe control was at {address}; run `icefarm demo --keep-running` to keep it up")
+        print("and try, in another terminal (with its address):")
     print(f"  icefarm --control {address} status")
     print(f"  icefarm --control {address} devices kind=pico2-ice")
     print(f"  icefarm --control {address} reserve 2 --mode pulsecount")
@@ -123,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
             worker, _ = _start_worker(address, args.boards, root / "worker.log")
             with Client(address, client_id="demo") as client:
                 _experiment(client, args)
-            _commands(address)
+            _commands(address, args.keep_running)
             if args.keep_running:
                 print("\ncontrol and worker keep running; Ctrl-C stops them")
                 threading.Event().wait()
