@@ -28,6 +28,7 @@ from icefarm_control.domain.device_reports import (
 from icefarm_control.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
+    IllegalTransition,
     InvalidArgument,
     NotFound,
     Reason,
@@ -298,7 +299,7 @@ class WorkerRegistry:
             if device is None:
                 raise NotFound(f"no device {device_id!r}", reason=Reason.DEVICE_NOT_FOUND)
             if device.state == DeviceState.REMOVED:
-                raise FailedPrecondition(f"device {device_id} is removed")
+                raise IllegalTransition(f"device {device_id} is removed: nothing to reboot")
             payload = events.reboot_device(device_id=device_id)
             await outbox.append_command(
                 conn, device.worker, CommandType.REBOOT_DEVICE, payload, now, device_id=device_id
@@ -323,7 +324,7 @@ class WorkerRegistry:
             if row is None:
                 raise NotFound(f"no worker {worker!r}", reason=Reason.WORKER_NOT_FOUND)
             if row.state == WorkerState.OFFLINE:
-                raise FailedPrecondition(f"worker {worker} is offline")
+                raise IllegalTransition(f"worker {worker} is offline: there is nothing to drain")
             already = row.state == WorkerState.DRAINING and row.drain_deadline is not None
             deadline = now + timeout
             if already and row.drain_deadline is not None:

@@ -60,9 +60,11 @@ def test_worker_errors_raise_their_classes(farm: RunningFarm, clients: Clients) 
     with pytest.raises(ic.DeviceFailed):  # not in usbip mode
         alice.export(held, device_id)
     alice.remove_device(device_id)
-    with pytest.raises(ic.DeviceNotAvailable, match="removed") as removed:
-        alice.reboot_device(device_id)
-    assert isinstance(removed.value, ic.FailedPrecondition)
+    with pytest.raises(ic.FailedPrecondition, match="removed") as removed:
+        alice.reboot_device(device_id)  # the state machine forbids it: plain FailedPrecondition
+    assert not isinstance(removed.value, ic.DeviceNotAvailable)
+    with pytest.raises(ic.DeviceNotAvailable, match="removed"):
+        alice.create_reservation(device_ids=[device_id])
     farm.worker.kill()
     with pytest.raises(ic.WorkerUnavailable):
         alice.board_info(held, device_id)
