@@ -37,6 +37,7 @@ from icefarm_control.domain.tokens import TokenClaims, TokenSigner
 from icefarm_control.notifier import Notifier
 from icefarm_control.storage import fast_paths, outbox
 from icefarm_control.storage import queries as q
+from icefarm_control.storage import waiter_queries as waiter_q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.records import (
     DeviceRow,
@@ -144,7 +145,7 @@ class ReservationEngine:
                         raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
                 raise NotEnoughDevices(self._shortage(spec))
             else:
-                waiter_id = await q.insert_waiter(
+                waiter_id = await waiter_q.insert_waiter(
                     conn,
                     client_id=client_id,
                     count=spec.count,
@@ -252,7 +253,7 @@ class ReservationEngine:
         serve the queued requests that can be served, and return what `extra` gets."""
         await q.lock_allocation(conn)
         free = await q.lock_free_devices(conn)
-        queue = [w for w in await q.waiting(conn) if w.deadline > now]
+        queue = [w for w in await waiter_q.waiting(conn) if w.deadline > now]
         if not free or (not queue and extra is None):
             return None
         demands: list[Demand] = [self._demand(w) for w in queue]
@@ -292,7 +293,7 @@ class ReservationEngine:
             selector_text=waiter.selector,
         )
         reservation = await self._create(conn, waiter.client_id, spec, taken, now)
-        await q.mark_waiter_served(conn, waiter.id, reservation.id)
+        await waiter_q.mark_waiter_served(conn, waiter.id, reservation.id)
         outbox.touch(conn, waiter_topic(waiter.id))
 
     async def serve_waiters(self) -> None:
@@ -301,7 +302,7 @@ class ReservationEngine:
             await self._serve_if_queued(conn, self.clock.now())
 
     async def _serve_if_queued(self, conn: AsyncConnection, now: datetime) -> None:
-        if await q.has_waiters(conn):
+        if await waiter_q.has_waiters(conn):
             await self._allocate(conn, now)
 
     async def _wait(self, waiter_id: int, spec: ReserveSpec, deadline: datetime) -> ReservationRow:
@@ -312,10 +313,10 @@ class ReservationEngine:
             with self.notifier.subscribe(waiter_topic(waiter_id)) as subscription:
                 while True:
                     async with self.db.read() as conn:
-                        waiter = await q.get_waiter(conn, waiter_id)
+                        waiter = await waiter_q.get_waiter(conn, waiter_id)
                     if waiter is not None and waiter.reservation_id is not None:
                         return await self._served_reservation(waiter.reservation_id)
-                    if waiter is None or waiter.state == q.CANCELLED:
+                    if waiter is None or waiter.state == waiter_q.CANCELLED:
                         raise NotEnoughDevices(self._shortage(spec), waited=True)
                     remaining = (deadline - self.clock.now()).total_seconds()
                     if remaining <= 0:
@@ -346,9 +347,9 @@ class ReservationEngine:
     async def _withdraw(self, waiter_id: int) -> str | None:
         """Leave the queue; the reservation id if we were served in the meantime."""
         async with self.db.write() as conn:
-            if await q.cancel_waiter(conn, waiter_id):
+            if await waiter_q.cancel_waiter(conn, waiter_id):
                 return None
-            waiter = await q.get_waiter(conn, waiter_id)
+            waiter = await waiter_q.get_waiter(conn, waiter_id)
         return waiter.reservation_id if waiter else None
 
     async def _abandon(self, waiter_id: int) -> None:
@@ -567,8 +568,8 @@ class ReservationEngine:
         """Withdraw queue entries whose caller vanished (past their deadline) and prune old ones."""
         now = self.clock.now()
         async with self.db.write() as conn:
-            await q.cancel_expired_waiters(conn, now - timedelta(seconds=5))
-            await q.prune_finished_waiters(conn, now - timedelta(hours=1))
+            await waiter_q.cancel_expired_waiters(conn, now - timedelta(seconds=5))
+            await waiter_q.prune_finished_waiters(conn, now - timedelta(hours=1))
 
     # ------------------------------------------------------------ extend and list
 

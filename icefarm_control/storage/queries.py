@@ -11,11 +11,9 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
-    delete,
     exists,
     func,
     insert,
-    literal,
     select,
     text,
     update,
@@ -36,14 +34,11 @@ from icefarm_control.storage.records import (
     DeviceRow,
     ReservationRow,
     ReservedDeviceRow,
-    WaiterRow,
     WorkerRow,
 )
 from icefarm_control.storage.selector_sql import selector_clause
+from icefarm_control.storage.waiter_queries import WAITING
 
-WAITING = "WAITING"
-SERVED = "SERVED"
-CANCELLED = "CANCELLED"
 # Serialises fair allocation across replicas (PostgreSQL transaction-level advisory lock).
 ALLOCATION_LOCK_KEY = 0x1CEFA12
 
@@ -557,93 +552,3 @@ async def due_reservation_ids(conn: AsyncConnection, now: datetime, limit: int) 
         .with_for_update(skip_locked=True)
     )
     return [r.id for r in await conn.execute(query)]
-
-
-# ---------------------------------------------------------------- waiters
-
-
-async def has_waiters(conn: AsyncConnection) -> bool:
-    query = select(literal(1)).where(waiters.c.state == WAITING).limit(1)
-    return (await conn.execute(query)).first() is not None
-
-
-async def insert_waiter(
-    conn: AsyncConnection,
-    *,
-    client_id: str,
-    count: int,
-    device_ids: Sequence[str],
-    selector: str,
-    mode: str,
-    mode_args: dict[str, str],
-    lease_seconds: float,
-    request_id: str | None,
-    now: datetime,
-    deadline: datetime,
-    replica_id: str,
-) -> int:
-    result = await conn.execute(
-        insert(waiters)
-        .values(
-            client_id=client_id,
-            count=count,
-            device_ids=list(device_ids),
-            selector=selector,
-            mode=mode,
-            mode_args=mode_args,
-            lease_seconds=lease_seconds,
-            request_id=request_id,
-            create_time=now,
-            deadline=deadline,
-            state=WAITING,
-            replica_id=replica_id,
-        )
-        .returning(waiters.c.id)
-    )
-    waiter_id: int = result.scalar_one()
-    return waiter_id
-
-
-async def waiting(conn: AsyncConnection) -> list[WaiterRow]:
-    """The queue, in arrival order."""
-    query = select(waiters).where(waiters.c.state == WAITING).order_by(waiters.c.id)
-    return [WaiterRow.from_mapping(r) for r in await conn.execute(query)]
-
-
-async def get_waiter(conn: AsyncConnection, waiter_id: int) -> WaiterRow | None:
-    row = (await conn.execute(select(waiters).where(waiters.c.id == waiter_id))).first()
-    return WaiterRow.from_mapping(row) if row else None
-
-
-async def mark_waiter_served(conn: AsyncConnection, waiter_id: int, reservation_id: str) -> None:
-    await conn.execute(
-        update(waiters)
-        .where(waiters.c.id == waiter_id)
-        .values(state=SERVED, reservation_id=reservation_id)
-    )
-
-
-async def cancel_waiter(conn: AsyncConnection, waiter_id: int) -> bool:
-    """Withdraw a waiter still queued. False when it was served (or withdrawn) already."""
-    result = await conn.execute(
-        update(waiters)
-        .where(waiters.c.id == waiter_id, waiters.c.state == WAITING)
-        .values(state=CANCELLED)
-    )
-    return result.rowcount == 1
-
-
-async def cancel_expired_waiters(conn: AsyncConnection, before: datetime) -> int:
-    """Withdraw queued requests whose deadline passed long ago (their caller is gone)."""
-    result = await conn.execute(
-        update(waiters)
-        .where(waiters.c.state == WAITING, waiters.c.deadline < before)
-        .values(state=CANCELLED)
-    )
-    return result.rowcount
-
-
-async def prune_finished_waiters(conn: AsyncConnection, before: datetime) -> None:
-    await conn.execute(
-        delete(waiters).where(waiters.c.state != WAITING, waiters.c.create_time < before)
-    )

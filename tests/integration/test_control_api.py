@@ -335,13 +335,13 @@ async def test_remove_device_takes_it_from_its_holder(control: RunningControl) -
 
 
 async def _until_queued(control: RunningControl, n: int, timeout: float = 10) -> None:
-    from icefarm_control.storage import queries as q
+    from icefarm_control.storage import waiter_queries as waiter_q
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         async with control.database.read() as conn:
-            if len(await q.waiting(conn)) >= n:
+            if len(await waiter_q.waiting(conn)) >= n:
                 return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} waiters queued within {timeout}s")

@@ -23,7 +23,7 @@ from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import control_service_pb2_grpc, reservation_service_pb2_grpc, types_pb2
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm_control.config import SETTINGS
-from icefarm_control.storage import queries as q
+from icefarm_control.storage import waiter_queries as waiter_q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import head_revision, upgrade
 from icefarm_control.storage.testing import seed_farm
@@ -124,7 +124,7 @@ async def until_waiting(database_url: str, count: int, timeout: float = 10) -> N
     try:
         while loop.time() < deadline:
             async with database.read() as conn:
-                if len(await q.waiting(conn)) >= count:
+                if len(await waiter_q.waiting(conn)) >= count:
                     return
             await asyncio.sleep(0.02)
     finally:
@@ -318,7 +318,7 @@ async def test_a_waiter_cut_off_by_shutdown_leaves_the_queue(
     database = Database(database_url)
     try:
         async with database.read() as conn:
-            assert await q.waiting(conn) == []
+            assert await waiter_q.waiting(conn) == []
     finally:
         await database.dispose()
 

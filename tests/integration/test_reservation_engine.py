@@ -21,6 +21,7 @@ from icefarm_control.domain.settings import Limits, Timers
 from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.domain.tokens import TokenSigner
 from icefarm_control.storage import queries as q
+from icefarm_control.storage import waiter_queries as waiter_q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.testing import register_device, register_worker, seed_farm
 
@@ -328,7 +329,7 @@ async def test_cancelled_waiter_leaves_the_queue(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     async with database.read() as conn:
-        assert not await q.has_waiters(conn)
+        assert not await waiter_q.has_waiters(conn)
     await engine.release("alice", everything=True)
     assert len(await engine.availability("")) == 1
 
@@ -366,7 +367,7 @@ async def _until_queued(database: Database, n: int, timeout: float = 10) -> None
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         async with database.read() as conn:
-            if len(await q.waiting(conn)) >= n:
+            if len(await waiter_q.waiting(conn)) >= n:
                 return
         await asyncio.sleep(0.02)
     raise AssertionError(f"fewer than {n} waiters queued within {timeout}s")

@@ -14,6 +14,7 @@ from icefarm.tokens import TokenVerifier
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import types_pb2 as tpb
 from icefarm_control.storage import queries as q
+from icefarm_control.storage import waiter_queries as waiter_q
 from tests.grpc_errors import reason_of
 from tests.integration.conftest import RunningControl
 from tests.integration.worker_farm import (
@@ -211,7 +212,7 @@ async def test_reserve_prepares_the_board_and_release_serves_a_waiting_reserve(
 
     async def queued() -> bool:
         async with fast.database.read() as conn:
-            return bool(await q.waiting(conn))
+            return bool(await waiter_q.waiting(conn))
 
     await eventually(queued, what="bob's Reserve queueing")
     await release(fast, "alice", reservation_id)
