@@ -15,7 +15,7 @@ import structlog
 
 from icefarm_worker.config import ConfigError, WorkerConfig
 from icefarm_worker.fleet import BoardFactory
-from icefarm_worker.hardware.base import Discovery, Usbip
+from icefarm_worker.hardware.base import Board, DiscoveredDevice, Discovery, Usbip
 from icefarm_worker.modes import MODES
 from icefarm_worker.modes.base import Mode
 
@@ -39,9 +39,12 @@ class Hardware:
 
 
 async def open_hardware(config: WorkerConfig) -> Hardware:
-    """The simulated farm when `config.simulate` > 0, else this host's USB boards."""
+    """The simulated farm when `config.simulate` > 0, the boards of a simulator process when
+    `config.simulate_root` is set, else this host's USB boards."""
     if config.simulate:
         return await _simulated(config)
+    if config.simulate_root:
+        return _attached(config)
     from icefarm_worker.hardware.board import SerialBoard
     from icefarm_worker.hardware.discovery import UdevDiscovery
     from icefarm_worker.hardware.usbip import UsbipTools
@@ -68,7 +71,9 @@ async def _simulated(config: WorkerConfig) -> Hardware:
     except ValueError as exc:
         raise ConfigError(f"simulator.faults: {exc}") from exc
     root = tempfile.TemporaryDirectory(prefix="icefarm-sim-")
-    farm = SimulatedFarm(config.simulate, Path(root.name), faults)
+    farm = SimulatedFarm(
+        config.simulate, Path(root.name), faults, circuit_seconds=config.simulate_circuit_time
+    )
     await farm.start()
 
     async def close() -> None:
@@ -79,3 +84,23 @@ async def _simulated(config: WorkerConfig) -> Hardware:
     firmware = {**farm.firmware_paths(), **config.firmware}
     log.info("simulating boards", count=config.simulate, root=root.name)
     return Hardware(farm.discovery, farm.board, farm.usbip, firmware, close=close)
+
+
+def _attached(config: WorkerConfig) -> Hardware:
+    from icefarm_worker.simulator.attached import AttachedDiscovery
+    from icefarm_worker.simulator.farm import SimulatedUsbip, simulated_board
+    from icefarm_worker.simulator.firmware import FIRMWARES
+
+    root = Path(config.simulate_root)
+    try:
+        discovery = AttachedDiscovery(root)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"simulate_root: no simulator serving in {root} ({exc})") from exc
+    firmware = {name: root / "firmware" / f"{name}.uf2" for name in FIRMWARES}
+    firmware.update(config.firmware)
+
+    def make_board(device: DiscoveredDevice) -> Board:
+        return simulated_board(root, device)
+
+    log.info("attached to simulated boards", root=str(root))
+    return Hardware(discovery, make_board, SimulatedUsbip(discovery), firmware)

@@ -4,7 +4,8 @@ TOML file (--config or ICEFARM_WORKER_CONFIG), then the defaults below.
 Tables only a file can express well also have a flat form for flags and the environment:
 `[firmware]` is `--firmware NAME=PATH` (repeatable) or `ICEFARM_WORKER_FIRMWARE=NAME=PATH,...`,
 `[labels]` is `--label KEY=VALUE` or `ICEFARM_WORKER_LABELS=KEY=VALUE,...`. The simulator's
-`[simulator.faults]` table is only read from the file.
+`[simulator.faults]` table is only read from the file; `[simulator] circuit_seconds` is the
+file's name for `--simulate-circuit-time`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", _choice("console", "json"), "console or json"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("simulate", _count, "run N simulated boards instead of real hardware (0: real)"),
+    Setting(
+        "simulate_circuit_time",
+        parse_seconds,
+        "how long a simulated pulsecount/varmax board takes per bitstream once received "
+        "(TOML [simulator] circuit_seconds; default 0)",
+    ),
+    Setting(
+        "simulate_root",
+        str,
+        "attach to the simulated boards served in DIR by `python -m icefarm_worker.simulator "
+        "serve --root DIR` instead of real hardware",
+    ),
     Setting("flash_timeout", parse_seconds, "how long flashing one firmware may take"),
     Setting("test_timeout", parse_seconds, "how long the default firmware has to answer"),
     Setting("ready_timeout", parse_seconds, "how long a mode's firmware has to answer"),
@@ -121,6 +134,10 @@ class WorkerConfig:
     log_format: str = "console"
     log_level: str = "info"
     simulate: int = 0
+    # Seconds each simulated evaluation takes on the board (`--simulate` only).
+    simulate_circuit_time: float = 0.0
+    # The directory of a simulator running as its own process ("": none).
+    simulate_root: str = ""
     flash_timeout: float = 30.0
     test_timeout: float = 10.0
     ready_timeout: float = 10.0
@@ -202,6 +219,13 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     environ = os.environ if environ is None else environ
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     file_values = _read_file(config_path) if config_path else {}
+    simulator = file_values.get("simulator", {})
+    if isinstance(simulator, dict):
+        unknown = sorted(set(simulator) - {"faults", "circuit_seconds"})
+        if unknown:
+            raise ConfigError(f"config file {config_path}: unknown setting simulator.{unknown[0]}")
+        if "circuit_seconds" in simulator and "simulate_circuit_time" not in file_values:
+            file_values = {**file_values, "simulate_circuit_time": simulator["circuit_seconds"]}
     values = layered_values(SETTINGS, args, environ, file_values, config_path)
     values["labels"] = _table(
         getattr(args, "labels", None),
@@ -216,7 +240,6 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         "--firmware",
     )
     values["firmware"] = {name: Path(path).expanduser() for name, path in firmware.items()}
-    simulator = file_values.get("simulator", {})
     faults = simulator.get("faults", {}) if isinstance(simulator, dict) else {}
     if not isinstance(faults, dict):
         raise ConfigError(f"config file {config_path}: simulator.faults must be a table")
@@ -231,7 +254,16 @@ def check(config: WorkerConfig) -> None:
     for name, path in config.firmware.items():
         if not path.is_file():
             raise ConfigError(f"firmware {name}: {path} is not a file")
-    if not config.simulate and "default" not in config.firmware:
+    if config.simulate and config.simulate_root:
+        raise ConfigError("simulate_root: use either --simulate N or --simulate-root DIR")
+    if config.simulate_root and config.simulate_circuit_time:
+        raise ConfigError(
+            "simulate_circuit_time: with --simulate-root the simulator process sets it "
+            "(serve --circuit-time SECONDS)"
+        )
+    if config.simulate_root and not Path(config.simulate_root).is_dir():
+        raise ConfigError(f"simulate_root: {config.simulate_root} is not a directory")
+    if not config.simulate and not config.simulate_root and "default" not in config.firmware:
         raise ConfigError(
             "firmware default: no default firmware configured (--firmware default=PATH, "
             "or [firmware] default = PATH in the config file)"

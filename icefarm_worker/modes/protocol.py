@@ -2,7 +2,7 @@
 line format, shared by the modes and by the simulator's firmware emulators.
 
     firmware: Waiting for bitstream transfer              (after boot and after each answer)
-    host:     104090 bytes of bitstream, in 512-byte chunks
+    host:     104090 bytes of bitstream (the firmware reads it in 512-byte chunks)
     firmware: Bitstream loaded, pulses: 12345             (pulsecount)
               ADC samples: 2048,2051,2040,...             (varmax: 500 integers, 100 µs apart)
               Watchdog timeout, 1024 bytes received of 104090   (the transfer stalled)
@@ -101,6 +101,7 @@ async def wait_for(
 
 
 async def send_bitstream(link: SerialLink, bitstream: bytes) -> None:
-    """Send the bitstream in the chunks the firmware reads."""
-    for start in range(0, len(bitstream), CHUNK_SIZE):
-        await link.write(bitstream[start : start + CHUNK_SIZE])
+    """Send the bitstream in one write: the port's flow control paces it into the chunks the
+    firmware reads, and one write per 512 bytes would cost the worker twice the CPU (a system
+    call and an event-loop turn each; see docs/benchmarks.md, `bench/evaluate.py`)."""
+    await link.write(bitstream)

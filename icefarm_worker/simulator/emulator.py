@@ -35,10 +35,16 @@ class _PortIO:
     """The firmware's end of the pty (implements `FirmwareIO`)."""
 
     def __init__(
-        self, master: int, faults: FaultState, watchdog: float, unplug: Callable[[], None]
+        self,
+        master: int,
+        faults: FaultState,
+        watchdog: float,
+        unplug: Callable[[], None],
+        circuit_seconds: float = 0.0,
     ):
         self.faults = faults
         self.watchdog = watchdog
+        self.circuit_seconds = circuit_seconds
         self._unplug = unplug
         self._master = master
         self._loop = asyncio.get_running_loop()
@@ -108,8 +114,9 @@ class BoardEmulator:
         watchdog: float,
         boot_delay: float,
         on_unplug: Callable[[], None],
+        circuit_seconds: float = 0.0,
     ) -> None:
-        self.port_path = root / "dev" / f"ttyICE{index}"
+        self.port_path = root / "dev" / f"ttyICE{index}"  # farm.port_path, without the cycle
         self.drive_path = root / "drives" / f"RP2350-{index}"
         self.faults = faults
         # What is in flash; None = no bootable image, so the board sits in its bootloader.
@@ -117,6 +124,8 @@ class BoardEmulator:
         self.flashes = 0
         self._watchdog = watchdog
         self._boot_delay = boot_delay
+        # Seconds an evaluating firmware spends per bitstream before it answers.
+        self.circuit_seconds = circuit_seconds
         self._on_unplug = on_unplug
         self._task: asyncio.Task[None] | None = None
 
@@ -156,7 +165,7 @@ class BoardEmulator:
             attributes[4] = attributes[5] = termios.B115200
             termios.tcsetattr(slave, termios.TCSANOW, attributes)
             os.set_blocking(master, False)
-            io = _PortIO(master, self.faults, self._watchdog, self._on_unplug)
+            io = _PortIO(master, self.faults, self._watchdog, self._on_unplug, self.circuit_seconds)
             firmware = asyncio.create_task(EMULATORS.get(name, run_silent)(io))
             _replace_symlink(self.port_path, os.ttyname(slave))
             while termios.tcgetattr(master)[4] != termios.B1200:

@@ -14,6 +14,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from icefarm_worker.hardware.base import (
     ChangeKind,
@@ -28,6 +29,27 @@ from icefarm_worker.simulator.faults import Fault, FaultSpec, FaultState
 from icefarm_worker.simulator.firmware import FIRMWARES, firmware_image
 
 START_TIMEOUT = 10.0
+
+
+def port_path(root: Path, index: int) -> Path:
+    """Where board `index`'s CDC port appears (a symlink to its pty slave)."""
+    return root / "dev" / f"ttyICE{index}"
+
+
+def simulated_device(root: Path, prefix: str, index: int) -> DiscoveredDevice:
+    """What discovery reports for board `index` of a farm under `root`."""
+    return DiscoveredDevice(
+        device_id=f"{prefix}-{index:03d}",
+        kind="pico2-ice",
+        serial_port=str(port_path(root, index)),
+        bus_id=f"9-{index + 1}",
+        labels={"simulated": "true"},
+    )
+
+
+def simulated_board(root: Path, device: DiscoveredDevice) -> SerialBoard:
+    """The real `SerialBoard` for a simulated device, its drive search at `root/drives`."""
+    return SerialBoard(device, drive_search=[root / "drives"], poll_interval=0.01)
 
 
 class SimulatedDiscovery:
@@ -51,10 +73,19 @@ class SimulatedDiscovery:
         self.feed.close()
 
 
+class PluggedBusIds(Protocol):
+    """Whatever knows which simulated boards are plugged in (the farm, or an attached
+    discovery)."""
+
+    def plugged_bus_ids(self) -> set[str]:
+        """Bus ids of the boards plugged in now."""
+        ...
+
+
 class SimulatedUsbip:
     """Records bindings instead of running the usbip tools; same contract as `UsbipTools`."""
 
-    def __init__(self, farm: SimulatedFarm, port: int = 3240) -> None:
+    def __init__(self, farm: PluggedBusIds, port: int = 3240) -> None:
         self._farm = farm
         self._port = port
         self.started = False
@@ -87,7 +118,10 @@ class SimulatedUsbip:
 
 
 class SimulatedFarm:
-    """`count` simulated boards with ids `{prefix}-000`, `{prefix}-001`, ... under `root`."""
+    """`count` simulated boards with ids `{prefix}-000`, `{prefix}-001`, ... under `root`.
+
+    `circuit_seconds` is how long the evaluating firmwares (pulsecount, varmax) take per
+    bitstream once they have received it, as a real board measures for a while."""
 
     def __init__(
         self,
@@ -98,8 +132,11 @@ class SimulatedFarm:
         *,
         watchdog: float = 1.0,
         boot_delay: float = 0.05,
+        circuit_seconds: float = 0.0,
     ) -> None:
         self.root = root
+        self.prefix = prefix
+        self.circuit_seconds = circuit_seconds
         self._ids = [f"{prefix}-{index:03d}" for index in range(count)]
         self._faults = {device_id: FaultState() for device_id in self._ids}
         self._emulators = {
@@ -110,17 +147,12 @@ class SimulatedFarm:
                 watchdog=watchdog,
                 boot_delay=boot_delay,
                 on_unplug=functools.partial(self._unplug_now, device_id),
+                circuit_seconds=circuit_seconds,
             )
             for index, device_id in enumerate(self._ids)
         }
         self._devices = {
-            device_id: DiscoveredDevice(
-                device_id=device_id,
-                kind="pico2-ice",
-                serial_port=str(self._emulators[device_id].port_path),
-                bus_id=f"9-{index + 1}",
-                labels={"simulated": "true"},
-            )
+            device_id: simulated_device(root, prefix, index)
             for index, device_id in enumerate(self._ids)
         }
         for device_id, fault in (faults or {}).items():
@@ -179,7 +211,7 @@ class SimulatedFarm:
 
     def board(self, device: DiscoveredDevice) -> SerialBoard:
         """The real `SerialBoard` for a simulated device."""
-        return SerialBoard(device, drive_search=[self.root / "drives"], poll_interval=0.01)
+        return simulated_board(self.root, device)
 
     async def plug(self, device_id: str) -> None:
         """Plug the board in: it boots, its port appears, discovery reports ADD."""

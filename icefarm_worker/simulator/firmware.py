@@ -75,6 +75,8 @@ class FirmwareIO(Protocol):
 
     faults: FaultState
     watchdog: float
+    # How long the circuit runs on the board before the answer (the measurement window).
+    circuit_seconds: float
 
     async def read(self, timeout: float, limit: int) -> bytes | None:
         """Up to `limit` bytes, None after `timeout` seconds of silence."""
@@ -127,6 +129,8 @@ async def _evaluate_forever(io: FirmwareIO, answer: Callable[[bytes], str]) -> N
         elif fault is Fault.NO_ANSWER:
             await asyncio.Event().wait()  # hung until the next reflash
         else:
+            if io.circuit_seconds > 0:
+                await asyncio.sleep(io.circuit_seconds)
             if fault is Fault.SLOW:
                 await asyncio.sleep(io.faults.delay)
             io.send_line(answer(bytes(received)))

@@ -76,3 +76,26 @@ def test_defaults() -> None:
     assert config.control == ("127.0.0.1:50051",)
     assert config.name
     assert config.drain_timeout == 900
+
+
+def test_simulated_circuit_time_from_file_environment_and_flag(tmp_path: Path) -> None:
+    config_file = tmp_path / "worker.toml"
+    config_file.write_text("simulate = 8\n[simulator]\ncircuit_seconds = 1.0\n")
+    from_file = resolve(parse("--config", str(config_file)), {})
+    assert from_file.simulate_circuit_time == 1.0
+    environ = {"ICEFARM_WORKER_SIMULATE_CIRCUIT_TIME": "500ms"}
+    assert resolve(parse("--config", str(config_file)), environ).simulate_circuit_time == 0.5
+    flag = parse("--config", str(config_file), "--simulate-circuit-time", "2s")
+    assert resolve(flag, environ).simulate_circuit_time == 2.0
+    config_file.write_text("simulate = 8\n[simulator]\ncircuit_second = 1.0\n")
+    with pytest.raises(ConfigError, match=r"simulator\.circuit_second"):
+        resolve(parse("--config", str(config_file)), {})
+
+
+def test_simulate_root_replaces_simulate(tmp_path: Path) -> None:
+    config = resolve(parse("--simulate-root", str(tmp_path)), {})
+    assert config.simulate_root == str(tmp_path)
+    with pytest.raises(ConfigError, match="simulate_root"):
+        resolve(parse("--simulate-root", str(tmp_path), "--simulate", "2"), {})
+    with pytest.raises(ConfigError, match="simulate_circuit_time"):
+        resolve(parse("--simulate-root", str(tmp_path), "--simulate-circuit-time", "1"), {})

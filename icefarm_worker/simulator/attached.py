@@ -1,0 +1,156 @@
+"""A simulated farm in its own process, and the discovery a worker uses to attach to it.
+
+`serve()` (`python -m icefarm_worker.simulator serve --count N --root DIR`) runs a
+`SimulatedFarm` until SIGTERM and writes `root/farm.json` (`prefix`, `count`, `pid`) once every
+board is up. A worker started with `--simulate-root DIR` reads that file and finds the boards
+with `AttachedDiscovery`, which watches `root/dev` for the `ttyICE{i}` ports; the real
+`SerialBoard` flashes them through `root/drives`, as in `--simulate`. The emulators' CPU time is
+then the simulator process's, not the worker's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from icefarm_worker.hardware import flashing
+from icefarm_worker.hardware.base import ChangeKind, DeviceChange, DiscoveredDevice
+from icefarm_worker.hardware.changes import ChangeFeed
+from icefarm_worker.simulator.farm import SimulatedFarm, port_path, simulated_device
+
+MANIFEST = "farm.json"
+WATCH_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a serving simulator says about its farm."""
+
+    prefix: str
+    count: int
+    pid: int
+
+
+def read_manifest(root: Path) -> Manifest:
+    """`root/farm.json`; OSError or ValueError when no simulator serves there."""
+    data = json.loads((root / MANIFEST).read_text())
+    return Manifest(str(data["prefix"]), int(data["count"]), int(data["pid"]))
+
+
+def _write_manifest(root: Path, manifest: Manifest) -> None:
+    temporary = root / (MANIFEST + ".new")
+    temporary.write_text(json.dumps(manifest.__dict__))
+    temporary.replace(root / MANIFEST)
+
+
+async def serve(
+    count: int, root: Path, *, prefix: str = "sim", circuit_seconds: float = 0.0
+) -> None:
+    """Run `count` simulated boards under `root` (an existing directory) until SIGTERM or
+    SIGINT."""
+    farm = SimulatedFarm(count, root, prefix=prefix, circuit_seconds=circuit_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await farm.start()
+    try:
+        _write_manifest(root, Manifest(prefix, count, os.getpid()))
+        print(f"simulator serving {count} boards in {root}", flush=True)
+        await stop.wait()
+    finally:
+        (root / MANIFEST).unlink(missing_ok=True)
+        await farm.stop()
+
+
+class AttachedDiscovery:
+    """The boards of a simulator serving in `root`: a port in `root/dev` is a plugged board.
+
+    The port vanishing while this worker flashes the board is hidden (as `UdevDiscovery` does);
+    if it is still gone when the flash ends, REMOVE is reported then."""
+
+    def __init__(self, root: Path, interval: float = WATCH_INTERVAL) -> None:
+        manifest = read_manifest(root)
+        self._root = root
+        self._interval = interval
+        self._devices = {
+            port_path(root, index).name: simulated_device(root, manifest.prefix, index)
+            for index in range(manifest.count)
+        }
+        self._present: dict[str, DiscoveredDevice] = {}  # by device id
+        self._held: dict[str, DiscoveredDevice] = {}  # by device id: gone while flashing
+        self._feed = ChangeFeed()
+        self._watch: asyncio.Task[None] | None = None
+        self._unsubscribe = flashing.on_flash_end(self._flash_ended)
+
+    async def scan(self) -> list[DiscoveredDevice]:
+        """The boards whose port is there now."""
+        self._ensure_watch()
+        self._feed.forget_backlog()
+        self._present = self._ports_now()
+        return list(self._present.values())
+
+    def changes(self) -> AsyncIterator[DeviceChange]:
+        """ADD when a port appears, REMOVE when one vanishes (not while this worker flashes)."""
+        self._ensure_watch()
+        return self._feed.subscribe()
+
+    async def close(self) -> None:
+        """Stop watching and end every `changes()` iterator."""
+        self._unsubscribe()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        self._feed.close()
+
+    def plugged_bus_ids(self) -> set[str]:
+        """Bus ids of the boards plugged in now (for `SimulatedUsbip`)."""
+        return {d.bus_id or "" for d in [*self._present.values(), *self._held.values()]}
+
+    def _ports_now(self) -> dict[str, DiscoveredDevice]:
+        try:
+            names = os.listdir(self._root / "dev")
+        except FileNotFoundError:
+            names = []
+        found = (self._devices.get(name) for name in names)
+        return {device.device_id: device for device in found if device is not None}
+
+    def _ensure_watch(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._run_watch(), name="attached discovery")
+
+    async def _run_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self._apply(self._ports_now())
+
+    def _apply(self, now: dict[str, DiscoveredDevice]) -> None:
+        for device_id, device in now.items():
+            if device_id in self._present:
+                continue
+            if self._held.pop(device_id, None) is None:
+                self._feed.publish(DeviceChange(ChangeKind.ADD, device))
+        for device_id, device in self._present.items():
+            if device_id in now:
+                continue
+            if flashing.is_flashing(device_id):
+                self._held[device_id] = device
+            else:
+                self._feed.publish(DeviceChange(ChangeKind.REMOVE, device))
+        self._present = now
+
+    def _flash_ended(self, device_id: str) -> None:
+        gone = self._held.pop(device_id, None)
+        if gone is None:
+            return
+        if gone.serial_port and os.path.exists(gone.serial_port):
+            self._present[device_id] = gone  # back before the watch saw it: nothing changed
+        else:
+            self._feed.publish(DeviceChange(ChangeKind.REMOVE, gone))
