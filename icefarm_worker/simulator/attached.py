@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -23,8 +25,10 @@ from icefarm_worker.hardware import flashing
 from icefarm_worker.hardware.base import ChangeKind, DeviceChange, DiscoveredDevice
 from icefarm_worker.hardware.changes import ChangeFeed
 from icefarm_worker.simulator.farm import SimulatedFarm, port_path, simulated_device
+from icefarm_worker.simulator.firmware import DEVICE_TIME
 
 MANIFEST = "farm.json"
+DEVICE_TIME_FILE = "device_time.json"
 WATCH_INTERVAL = 0.05
 
 
@@ -49,16 +53,26 @@ def _write_manifest(root: Path, manifest: Manifest) -> None:
     temporary.replace(root / MANIFEST)
 
 
+def _write_device_time(root: Path, dump: int) -> None:
+    """SIGUSR1: `root/device_time.json` with the boards' busy time so far (numbered dumps)."""
+    data = {"dump": dump, **dataclasses.asdict(DEVICE_TIME)}
+    temporary = root / (DEVICE_TIME_FILE + ".new")
+    temporary.write_text(json.dumps(data))
+    temporary.replace(root / DEVICE_TIME_FILE)
+
+
 async def serve(
     count: int, root: Path, *, prefix: str = "sim", circuit_seconds: float = 0.0
 ) -> None:
     """Run `count` simulated boards under `root` (an existing directory) until SIGTERM or
-    SIGINT."""
+    SIGINT; SIGUSR1 writes `root/device_time.json` (how long the boards were busy so far)."""
     farm = SimulatedFarm(count, root, prefix=prefix, circuit_seconds=circuit_seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    dumps = itertools.count(1)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _write_device_time(root, next(dumps)))
     await farm.start()
     try:
         _write_manifest(root, Manifest(prefix, count, os.getpid()))

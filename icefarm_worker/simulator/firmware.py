@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from icefarm_worker.modes.protocol import (
@@ -106,12 +107,31 @@ async def run_silent(io: FirmwareIO) -> None:
     await asyncio.Event().wait()
 
 
+@dataclass
+class DeviceTime:
+    """How long this process's emulated boards were busy with bitstreams: from the first bytes
+    of each one received to its answer sent (the transfer and the circuit — the device's own
+    time, against which the worker's overhead is measured by bench/evaluate.py)."""
+
+    evaluations: int = 0
+    busy_seconds: float = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.evaluations += 1
+        self.busy_seconds += seconds
+
+
+DEVICE_TIME = DeviceTime()
+
+
 async def _evaluate_forever(io: FirmwareIO, answer: Callable[[bytes], str]) -> None:
+    loop = asyncio.get_running_loop()
     while True:
         io.send_line(WAITING_LINE)
         first = await io.read(ANNOUNCE_PERIOD, BITSTREAM_SIZE)
         if first is None:
             continue
+        began = loop.time()
         fault = io.faults.on_evaluation()
         if fault is Fault.UNPLUG:
             io.unplug()
@@ -134,6 +154,7 @@ async def _evaluate_forever(io: FirmwareIO, answer: Callable[[bytes], str]) -> N
             if fault is Fault.SLOW:
                 await asyncio.sleep(io.faults.delay)
             io.send_line(answer(bytes(received)))
+            DEVICE_TIME.record(loop.time() - began)
 
 
 async def run_pulsecount(io: FirmwareIO) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -66,6 +67,13 @@ async def test_a_worker_attaches_to_a_simulator_process(tmp_path: Path) -> None:
         assert asyncio.get_running_loop().time() - started >= 0.2
         assert measurement.pulse_count == expected_pulse_count(bitstream)
         await link.close()
+        # SIGUSR1: the boards' own busy time so far (what bench/evaluate.py compares against).
+        os.kill(process.pid, signal.SIGUSR1)
+        report = root / "device_time.json"
+        await wait_until(report.exists, timeout=10.0)
+        busy = json.loads(report.read_text())
+        assert busy["dump"] == 1 and busy["evaluations"] == 1
+        assert 0.2 <= busy["busy_seconds"] < 3.0
         # Stopping the simulator makes its ports vanish: REMOVE for both boards.
         os.kill(process.pid, signal.SIGTERM)
         removed = []
