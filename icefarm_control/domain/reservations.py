@@ -24,6 +24,7 @@ from icefarm_control.domain.errors import (
     PermissionDenied,
     Reason,
 )
+from icefarm_control.domain.modes import ModeCatalog
 from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Limits, Timers
@@ -101,12 +102,14 @@ class ReservationEngine(WaitingLine):
         # Past a few statements at once, PostgreSQL on a small machine gets slower, not faster
         # (backends and WAL writers crowd the CPUs): the rest wait here, in arrival order.
         self._fast_lane = asyncio.Semaphore(concurrency)
+        self.modes = ModeCatalog(database)
         self._abandoning: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ reserve
 
     async def reserve(self, client_id: str, spec: ReserveSpec) -> Grant:
         """All `spec.needed` devices or none; waits in line up to `spec.wait` when short."""
+        await self.modes.check(spec.mode)
         if self.db.is_postgresql:
             async with self._fast_lane:
                 quick = await self._reserve_in_one_statement(client_id, spec)

@@ -338,3 +338,11 @@ async def time_out_commands(conn: AsyncConnection, now: datetime) -> list[outbox
         .returning(*worker_commands.c)
     )
     return [outbox.command_row(r) for r in rows]
+
+
+async def offered_modes(conn: AsyncConnection) -> set[str]:
+    """Every mode some worker advertised when it registered."""
+    offered: set[str] = set()
+    for (modes,) in await conn.execute(select(workers.c.modes)):
+        offered.update(str(m) for m in modes or ())
+    return offered

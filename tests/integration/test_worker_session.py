@@ -299,3 +299,18 @@ async def test_reboot_device_reaches_the_worker(
         await fast.control.RebootDevice(cpb.RebootDeviceRequest(device_id="no-such-board"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert reason_of(caught.value) == "DEVICE_NOT_FOUND"
+
+
+async def test_a_mode_no_worker_offers_is_refused_before_any_board_is_touched(
+    fast: RunningControl, workers: list[StandinWorker]
+) -> None:
+    worker = await start_worker(fast, workers, devices=2)  # offers pulsecount and varmax
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(fast, "alice", count=1, mode="pulsecnt")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mode" in (caught.value.details() or "")
+    assert "pulsecount" in (caught.value.details() or "")  # says what is offered
+    assert await free_ids(fast) == worker.device_ids
+    assert "prepare_device" not in worker.kinds()
+    granted = await reserve(fast, "alice", count=1, mode="varmax")
+    assert granted.reservation.mode == "varmax"
