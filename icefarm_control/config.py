@@ -15,7 +15,7 @@ from typing import Any
 
 from icefarm.settings import ConfigError as ConfigError
 from icefarm.settings import Setting, layered_values
-from icefarm_control.domain.settings import Timers
+from icefarm_control.domain.settings import DEFAULT_DB_CONCURRENCY, Timers
 from icefarm_control.storage.database import default_database_url
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -156,7 +156,7 @@ class ControlConfig:
     shutdown_grace: timedelta = timedelta(seconds=10)
     token_key: str = ""
     db_pool_size: int = 10
-    db_concurrency: int = field(default_factory=lambda: 3 * (os.cpu_count() or 2))
+    db_concurrency: int = DEFAULT_DB_CONCURRENCY
 
     @property
     def timers(self) -> Timers:

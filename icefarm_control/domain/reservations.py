@@ -27,7 +27,7 @@ from icefarm_control.domain.errors import (
 from icefarm_control.domain.modes import ModeCatalog
 from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
 from icefarm_control.domain.selectors import parse_selector
-from icefarm_control.domain.settings import Limits, Timers
+from icefarm_control.domain.settings import DEFAULT_DB_CONCURRENCY, Limits, Timers
 from icefarm_control.domain.states import (
     DeviceState,
     EndReason,
@@ -88,7 +88,7 @@ class ReservationEngine(WaitingLine):
         limits: Limits | None = None,
         replica_id: str = "",
         notifier: Notifier | None = None,
-        concurrency: int = 8,
+        concurrency: int = DEFAULT_DB_CONCURRENCY,
     ) -> None:
         self.db = database
         self.signer = signer

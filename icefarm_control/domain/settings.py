@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +29,10 @@ class Timers:
     handshake_timeout: timedelta = timedelta(seconds=5)
     # How long a drain waits for reservations when the request names no timeout.
     drain_timeout: timedelta = timedelta(minutes=15)
+
+
+# Reserve/Release statements one replica runs on PostgreSQL at once (config: db_concurrency).
+DEFAULT_DB_CONCURRENCY = 3 * (os.cpu_count() or 2)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from icefarm.v1 import control_service_pb2_grpc, reservation_service_pb2_grpc
 from icefarm_control.app import ControlApp
 from icefarm_control.config import ControlConfig
 from icefarm_control.storage.database import Database
+from tests.standin_worker import StandinWorker
 
 BIN = Path(sys.executable).parent
 
@@ -123,3 +124,21 @@ def control_process_factory() -> Iterator[list[ControlProcess]]:
         proc.process.wait(timeout=10)
         if proc.process.stdout is not None:
             proc.process.stdout.close()
+
+
+@pytest.fixture
+async def fast(database_url: str) -> AsyncIterator[RunningControl]:
+    """A control with fast worker timers (tests/integration/worker_farm.py: FAST)."""
+    from tests.integration.worker_farm import fast_control
+
+    async with fast_control(database_url) as control:
+        yield control
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[StandinWorker]]:
+    """Stand-in workers started by the test (stopped at the end)."""
+    from tests.integration.worker_farm import stand_ins
+
+    async with stand_ins() as started:
+        yield started

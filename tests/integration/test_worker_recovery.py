@@ -4,7 +4,6 @@ stopping control — stand-in workers against real controls (in this process or 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
@@ -24,31 +23,17 @@ from tests.integration.worker_farm import (
     events_of,
     eventually,
     fast_config,
-    fast_control,
     free_are,
     free_ids,
     release,
     reserve,
     seconds,
-    stand_ins,
     start_worker,
     start_worker_process,
     state_is,
     worker_state,
 )
 from tests.standin_worker import StandinWorker
-
-
-@pytest.fixture
-async def fast(database_url: str) -> AsyncIterator[RunningControl]:
-    async with fast_control(database_url) as control:
-        yield control
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[list[StandinWorker]]:
-    async with stand_ins() as started:
-        yield started
 
 
 async def ready(control: RunningControl, board: str) -> None:

@@ -4,7 +4,6 @@ stand-in workers on real streams against a real control (both back ends)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -22,29 +21,15 @@ from tests.integration.worker_farm import (
     device,
     events_of,
     eventually,
-    fast_control,
     free_ids,
     release,
     reserve,
     seconds,
-    stand_ins,
     start_worker,
     state_is,
     worker_state,
 )
 from tests.standin_worker import StandinWorker
-
-
-@pytest.fixture
-async def fast(database_url: str) -> AsyncIterator[RunningControl]:
-    async with fast_control(database_url) as control:
-        yield control
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[list[StandinWorker]]:
-    async with stand_ins() as started:
-        yield started
 
 
 async def test_a_registered_worker_is_online_and_its_boards_are_free(
