@@ -52,6 +52,7 @@ class ReserveRequest(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_NEW_DEVICES_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """How many devices; 0 when device_ids is given."""
     selector: _builtins.str
@@ -60,6 +61,11 @@ class ReserveRequest(_message.Message):
     """What the devices run while held, e.g. "pulsecount", "varmax", "usbip"; empty = none."""
     request_id: _builtins.str
     """Optional idempotency key: a retried Reserve with the same key returns the same reservation."""
+    wait_for_new_devices: _builtins.bool
+    """Queue even when fewer devices match the selector (in any state) than asked for: wait for
+    devices that do not exist yet. Without it such a request fails at once (NOT_ENOUGH_DEVICES
+    with the counts wanted, matching and free in ErrorInfo.metadata).
+    """
     @_builtins.property
     def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Exactly these devices (all must be free)."""
@@ -85,10 +91,11 @@ class ReserveRequest(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         wait_timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        wait_for_new_devices: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "device_ids", b"device_ids", "duration", b"duration", "mode", b"mode", "mode_args", b"mode_args", "request_id", b"request_id", "selector", b"selector", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "device_ids", b"device_ids", "duration", b"duration", "mode", b"mode", "mode_args", b"mode_args", "request_id", b"request_id", "selector", b"selector", "wait_for_new_devices", b"wait_for_new_devices", "wait_timeout", b"wait_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,16 +418,23 @@ class Hello(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESUME_AFTER_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     resume_after: _builtins.int
     """The last event sequence the client saw; 0 = from the first undelivered event."""
+    instance: _builtins.str
+    """Which of the client's Sessions this is (each Client object names its own, so two
+    experiments of one user do not replace each other's Session); empty = the only one.
+    A new Session with the same client id and instance replaces the old one.
+    """
     def __init__(
         self,
         *,
         resume_after: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_after", b"resume_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "resume_after", b"resume_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

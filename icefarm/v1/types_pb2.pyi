@@ -196,6 +196,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: the server is shutting down; retry on another replica."""
     ERROR_REASON_CONFLICT: _ErrorReason.ValueType  # 18
     """ABORTED: a conflicting change happened at the same time; retry."""
+    ERROR_REASON_RESERVATION_ENDED: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION: the reservation has ended; the message says when and why."""
+    ERROR_REASON_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 20
+    """RESOURCE_EXHAUSTED: a limit was reached; the message names it (retry info when it passes)."""
+    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 21
+    """INTERNAL: an unexpected error; the message has an incident id to find it in the log."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable error reasons. Errors are gRPC status codes with a google.rpc.ErrorInfo detail whose
@@ -240,6 +246,12 @@ ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 17
 """UNAVAILABLE: the server is shutting down; retry on another replica."""
 ERROR_REASON_CONFLICT: ErrorReason.ValueType  # 18
 """ABORTED: a conflicting change happened at the same time; retry."""
+ERROR_REASON_RESERVATION_ENDED: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION: the reservation has ended; the message says when and why."""
+ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 20
+"""RESOURCE_EXHAUSTED: a limit was reached; the message names it (retry info when it passes)."""
+ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 21
+"""INTERNAL: an unexpected error; the message has an incident id to find it in the log."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

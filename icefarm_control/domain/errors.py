@@ -25,6 +25,9 @@ class Reason(enum.StrEnum):
     DEVICE_FAILED = "DEVICE_FAILED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     CONFLICT = "CONFLICT"
+    RESERVATION_ENDED = "RESERVATION_ENDED"
+    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+    INTERNAL = "INTERNAL"
 
 
 class IcefarmDomainError(Exception):
@@ -73,17 +76,38 @@ class Unauthenticated(IcefarmDomainError):
 
 
 class NotEnoughDevices(IcefarmDomainError):
-    """Not enough matching devices are free. `waited` tells whether the caller queued first."""
+    """Not enough matching devices are free. `waited` tells whether the caller queued first;
+    `counts` (wanted, matching, free), when known, travel in ErrorInfo.metadata."""
 
     reason = Reason.NOT_ENOUGH_DEVICES
 
-    def __init__(self, message: str, *, waited: bool = False) -> None:
+    def __init__(
+        self, message: str, *, waited: bool = False, counts: dict[str, int] | None = None
+    ) -> None:
         super().__init__(message)
         self.waited = waited
+        self.counts = dict(counts or {})
+
+
+class LimitExceeded(IcefarmDomainError):
+    """A bound on what one caller may have or do was reached (RESOURCE_EXHAUSTED);
+    `retry_after` seconds, when known, say when it will have passed."""
+
+    reason = Reason.LIMIT_EXCEEDED
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FailedPrecondition(IcefarmDomainError):
     reason = Reason.DEVICE_NOT_AVAILABLE
+
+
+class ReservationEnded(FailedPrecondition):
+    """The reservation named has ended; the message says when and why."""
+
+    reason = Reason.RESERVATION_ENDED
 
 
 class AlreadyExists(IcefarmDomainError):
@@ -96,3 +120,9 @@ class IllegalTransition(FailedPrecondition):
 
 class Unavailable(IcefarmDomainError):
     reason = Reason.SHUTTING_DOWN
+
+
+class Internal(IcefarmDomainError):
+    """A bug: reported as INTERNAL with an incident id, nothing of it on the wire."""
+
+    reason = Reason.INTERNAL

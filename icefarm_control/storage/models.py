@@ -201,6 +201,8 @@ client_sessions = Table(
     "client_sessions",
     metadata,
     Column("client_id", String(256), primary_key=True),
+    # One row per Session identity of the client (one per Client object; "" = the only one).
+    Column("instance", String(64), primary_key=True, default="", server_default=""),
     # The replica holding the client's Session stream now; NULL while it has none.
     Column("replica_id", String(64), nullable=True),
     Column("session_generation", Integer, nullable=False, default=0),
@@ -209,6 +211,27 @@ client_sessions = Table(
     Column("last_seen_time", UtcDateTime, nullable=False),
     # The highest event sequence sent on a Session (resume point for Hello without one).
     Column("delivered_sequence", BigInteger, nullable=False, default=0),
+)
+
+# Control replicas alive now: each refreshes its row every second, so a stream held by a replica
+# that died (its row went stale) never blocks its worker from registering again.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("start_time", UtcDateTime, nullable=False),
+    Column("last_seen_time", UtcDateTime, nullable=False),
+)
+
+# The keys that sign reservation tokens, shared by every replica of the database (newest first
+# signs; older ones still verify until their tokens have expired).
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("private_key", Text, nullable=False),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("retire_time", UtcDateTime, nullable=True),
 )
 
 api_tokens = Table(

@@ -27,6 +27,8 @@ _CODES: list[tuple[type[e.IcefarmDomainError], grpc.StatusCode]] = [
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.NotEnoughDevices, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.Internal, grpc.StatusCode.INTERNAL),
     (e.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (e.Unavailable, grpc.StatusCode.UNAVAILABLE),

@@ -64,6 +64,9 @@ ERRORS: list[e.IcefarmDomainError] = [
     e.FailedPrecondition("no varmax on lab-a", reason=e.Reason.MODE_UNSUPPORTED),
     e.FailedPrecondition("d1 failed", reason=e.Reason.DEVICE_FAILED),
     e.Unavailable("shutting down"),
+    e.ReservationEnded("reservation r1 ended at 12:00 (RELEASED)"),
+    e.LimitExceeded("at most 10 Reserve calls per second"),
+    e.Internal("a bug"),
     e.IcefarmDomainError("changed meanwhile"),
 ]
 
