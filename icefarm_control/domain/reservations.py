@@ -390,33 +390,63 @@ class ReservationEngine(WaitingLine):
         if not (device_ids or reservation_ids or client_id):
             raise InvalidArgument("device_ids", "name devices, reservations or a client")
         async with self.db.write() as conn:
-            targets: dict[str, list[str]] = defaultdict(list)
-            found = await q.get_reservations(conn, reservation_ids, lock=True)
-            missing = set(reservation_ids) - {r.id for r in found}
-            if missing:
-                raise NotFound(
-                    f"no reservation {sorted(missing)[0]}", reason=Reason.RESERVATION_NOT_FOUND
-                )
-            rows = {r.id: r for r in found}
-            if client_id:
-                ids = await q.active_reservation_ids(conn, client_id=client_id)
-                rows.update((r.id, r) for r in await q.get_reservations(conn, ids, lock=True))
-            if still_due is not None:
-                keep = await still_due(conn, sorted(rows))
-                rows = {rid: row for rid, row in rows.items() if rid in keep}
-            for row in rows.values():
-                targets[row.id].extend(row.held_device_ids)
-            if device_ids:
-                unknown = set(device_ids) - await q.existing_device_ids(conn, device_ids)
-                if unknown:
-                    raise InvalidArgument("device_ids", f"unknown device {sorted(unknown)[0]!r}")
-                for device_id in device_ids:
-                    device = await q.get_device(conn, device_id)
-                    if device is not None and device.reservation_id is not None:
-                        targets[device.reservation_id].append(device_id)
-            outcome = await self._let_go(conn, targets, reason, rows)
+            outcome = await self.end_reservations_in(
+                conn,
+                device_ids=device_ids,
+                reservation_ids=reservation_ids,
+                client_id=client_id,
+                reason=reason,
+                still_due=still_due,
+            )
             await self._serve_if_queued(conn, self.clock.now())
         return outcome
+
+    async def end_reservations_in(
+        self,
+        conn: AsyncConnection,
+        *,
+        device_ids: Sequence[str] = (),
+        reservation_ids: Sequence[str] = (),
+        client_id: str = "",
+        reason: EndReason = EndReason.REVOKED,
+        still_due: StillDue | None = None,
+    ) -> ReleaseOutcome:
+        """`end_reservations` inside the caller's transaction, so the decision to end and the
+        ending commit together. The queue is not served here: the caller calls
+        `serve_waiters()` after its commit when `device_ids` of the outcome is not empty."""
+        targets: dict[str, list[str]] = defaultdict(list)
+        found = await q.get_reservations(conn, reservation_ids, lock=True)
+        missing = set(reservation_ids) - {r.id for r in found}
+        if missing:
+            raise NotFound(
+                f"no reservation {sorted(missing)[0]}", reason=Reason.RESERVATION_NOT_FOUND
+            )
+        rows = {r.id: r for r in found}
+        if client_id:
+            ids = await q.active_reservation_ids(conn, client_id=client_id)
+            rows.update((r.id, r) for r in await q.get_reservations(conn, ids, lock=True))
+        if device_ids:
+            unknown = set(device_ids) - await q.existing_device_ids(conn, device_ids)
+            if unknown:
+                raise NotFound(
+                    f"no device {sorted(unknown)[0]!r}", reason=Reason.DEVICE_NOT_FOUND
+                )
+            holding = await q.active_reservation_ids(conn, device_ids=device_ids)
+            rows.update(
+                (r.id, r)
+                for r in await q.get_reservations(conn, sorted(set(holding) - set(rows)), lock=True)
+            )
+        if still_due is not None:
+            keep = await still_due(conn, sorted(rows))
+            rows = {rid: row for rid, row in rows.items() if rid in keep}
+        wanted = set(device_ids)
+        for row in rows.values():
+            if row.id in reservation_ids or (client_id and row.client_id == client_id):
+                targets[row.id].extend(row.held_device_ids)
+            else:
+                # Locked above: which of the named devices it still holds is read under the lock.
+                targets[row.id].extend(d for d in row.held_device_ids if d in wanted)
+        return await self._let_go(conn, targets, reason, rows)
 
     async def expire_due(self, batch: int = 100) -> list[str]:
         """End every reservation whose lease has run out (any replica may run this)."""
