@@ -2,8 +2,11 @@
 liveness (no Session for longer than the grace loses the reservations), lease warnings, and
 the age limit of the outbox.
 
-Every rule here holds with several replicas on one database: a session row names the replica
-and generation that own it, and the sweeps lock or re-check what they change.
+A client (the identity that owns reservations) may have several Sessions at once, one per
+Client object (its instance): each has its own session row, generation, replica and resume
+point, and all read the one feed of the client. Every rule here holds with several replicas
+on one database: a session row names the replica and generation that own it, and the sweeps
+lock or re-check what they change.
 """
 
 from __future__ import annotations
@@ -23,25 +26,28 @@ from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.states import EndReason
 from icefarm_control.storage import client_queries as cq
 from icefarm_control.storage import outbox
-from icefarm_control.storage.client_queries import FeedPosition
+from icefarm_control.storage.client_queries import FeedPosition, SessionKey
 from icefarm_control.storage.outbox import EventRow
 
 log = structlog.get_logger(__name__)
 
 FEED_BATCH = 200
 SWEEP_BATCH = 100
-# Clients named per statement by the per-replica upkeep.
+# Sessions named per statement by the per-replica upkeep.
 POSITIONS_CHUNK = 500
+# A session row is kept at least this long after its last sign of life (and at least as long
+# as the events it could resume from, and the client grace it stands for).
+SESSION_ROW_KEEP = timedelta(hours=1)
 # Feeds woken together up to this many read at once; more are checked in one query first.
 SMALL_WAKE_BATCH = 8
 
 
 @dataclass(frozen=True)
 class SessionStart:
-    """What a new Session needs: the generation it owns, where its feed resumes, and the
-    client's newest event sequence (for Welcome)."""
+    """What a new Session needs: whose and which it is, the generation it owns, where its
+    feed resumes, and the client's newest event sequence (for Welcome)."""
 
-    client_id: str
+    key: SessionKey
     generation: int
     resume_after: int
     last_sequence: int
@@ -50,21 +56,21 @@ class SessionStart:
 @dataclass(frozen=True)
 class FeedBatch:
     events: list[EventRow]
-    # A newer Session of the same client took over (on this replica or another).
+    # A newer Session of the same client and instance took over (on this replica or another).
     superseded: bool
 
 
 class FeedReader(Protocol):
     """A Session's feed as the gate sees it: whose it is, which generation, how far read."""
 
-    client_id: str
+    key: SessionKey
     generation: int
     cursor: int
 
 
 def needs_reading(position: FeedPosition | None, reader: FeedReader) -> bool:
     """True when the database holds something for this feed: newer events, or a newer
-    Session that took it over (or no row at all)."""
+    Session of the same instance that took it over (or no row at all)."""
     return (
         position is None
         or position.generation != reader.generation
@@ -93,66 +99,81 @@ class ClientSessions:
 
     # ------------------------------------------------------------ sessions
 
-    async def open(self, client_id: str, resume_after: int) -> SessionStart:
-        """Take over the client's feed. It resumes after `resume_after` when given, else after
-        the last event sent on an earlier Session. Any older Session is woken to notice."""
-        audience = outbox.client_audience(client_id)
+    async def open(self, key: SessionKey, resume_after: int) -> SessionStart:
+        """Take over the feed of this client and instance. It resumes after `resume_after`
+        when given, else after the last event sent on an earlier Session of the instance (a
+        new instance: as far as any Session of the client got). An older Session of the same
+        instance is woken to notice; other instances keep theirs."""
+        audience = outbox.client_audience(key.client_id)
         async with self.db.write() as conn:
-            opened = await cq.open_session(conn, client_id, self.replica_id, self.clock.now())
+            opened = await cq.open_session(conn, key, self.replica_id, self.clock.now())
             last = await outbox.last_sequence(conn, audience)
             outbox.touch(conn, audience)
         resume = resume_after if resume_after > 0 else opened.delivered_sequence
-        log.debug("client session opened", client=client_id, generation=opened.generation)
-        return SessionStart(client_id, opened.generation, resume, last)
+        log.debug(
+            "client session opened",
+            client=key.client_id,
+            instance=key.instance,
+            generation=opened.generation,
+        )
+        return SessionStart(key, opened.generation, resume, last)
 
     async def read_feed(
-        self, client_id: str, generation: int, after: int, limit: int = FEED_BATCH
+        self, key: SessionKey, generation: int, after: int, limit: int = FEED_BATCH
     ) -> FeedBatch:
-        """The client's events after `after`, in order, unless a newer Session owns the feed."""
+        """The client's events after `after`, in order, unless a newer Session of the same
+        instance owns the feed."""
         async with self.db.read() as conn:
-            if await cq.session_generation(conn, client_id) != generation:
+            if await cq.session_generation(conn, key) != generation:
                 return FeedBatch([], superseded=True)
-            rows = await outbox.events_after(conn, outbox.client_audience(client_id), after, limit)
+            audience = outbox.client_audience(key.client_id)
+            rows = await outbox.events_after(conn, audience, after, limit)
         return FeedBatch(rows, superseded=False)
 
-    async def record_delivery(self, client_id: str, generation: int, sequence: int) -> bool:
+    async def record_delivery(self, key: SessionKey, generation: int, sequence: int) -> bool:
         """Remember how far the feed was sent (the resume point of a Hello without one);
-        False when a newer Session owns the feed."""
+        False when a newer Session of the same instance owns the feed."""
         async with self.db.write() as conn:
-            return await cq.record_delivery(conn, client_id, generation, sequence, self.clock.now())
+            return await cq.record_delivery(conn, key, generation, sequence, self.clock.now())
 
-    async def close(self, client_id: str, generation: int, delivered: int) -> None:
-        """The Session ended: the client grace starts now, unless a newer Session owns it."""
+    async def close(self, key: SessionKey, generation: int, delivered: int) -> None:
+        """The Session ended (if no newer one of the instance owns it): the client grace
+        starts once none of the client's Sessions is live."""
         async with self.db.write() as conn:
-            closed = await cq.close_session(
-                conn, client_id, generation, delivered, self.clock.now()
-            )
-        log.debug("client session closed", client=client_id, generation=generation, ours=closed)
+            closed = await cq.close_session(conn, key, generation, delivered, self.clock.now())
+        log.debug(
+            "client session closed",
+            client=key.client_id,
+            instance=key.instance,
+            generation=generation,
+            ours=closed,
+        )
 
-    async def refresh(self, client_ids: Sequence[str]) -> None:
-        """Mark the live sessions of this replica as seen (a statement per 500 clients). A
-        row whose stream is gone without a goodbye is not refreshed, so it goes stale."""
+    async def refresh(self, keys: Sequence[SessionKey]) -> None:
+        """Mark the live sessions of this replica as seen (a statement per 500). A row whose
+        stream is gone without a goodbye is not refreshed, so it goes stale."""
         now = self.clock.now()
         async with self.db.write() as conn:
-            for start in range(0, len(client_ids), POSITIONS_CHUNK):
-                chunk = client_ids[start : start + POSITIONS_CHUNK]
+            for start in range(0, len(keys), POSITIONS_CHUNK):
+                chunk = keys[start : start + POSITIONS_CHUNK]
                 await cq.refresh_replica_sessions(conn, self.replica_id, chunk, now)
 
-    async def positions(self, client_ids: Sequence[str]) -> dict[str, FeedPosition]:
-        found: dict[str, FeedPosition] = {}
+    async def positions(self, keys: Sequence[SessionKey]) -> dict[SessionKey, FeedPosition]:
+        found: dict[SessionKey, FeedPosition] = {}
         async with self.db.read() as conn:
-            for start in range(0, len(client_ids), POSITIONS_CHUNK):
-                chunk = client_ids[start : start + POSITIONS_CHUNK]
-                found.update((p.client_id, p) for p in await cq.feed_positions(conn, chunk))
+            for start in range(0, len(keys), POSITIONS_CHUNK):
+                chunk = keys[start : start + POSITIONS_CHUNK]
+                found.update((p.key, p) for p in await cq.feed_positions(conn, chunk))
         return found
 
     # ------------------------------------------------------------ sweeps (every replica)
 
     async def sweep_client_liveness(self) -> list[str]:
-        """End the active reservations of clients that have had no Session for longer than
-        the client grace (counted from the later of the disconnect and the reservation's
-        creation); the ids ended. Two replicas sweeping at once end each lease once: the
-        engine locks the rows and skips what has ended."""
+        """End the active reservations of clients that have had no live Session (none of
+        their Client objects' Sessions) for longer than the client grace (counted from the
+        later of the last disconnect and the reservation's creation); the ids ended. Two
+        replicas sweeping at once end each lease once: the engine locks the rows and skips
+        what has ended."""
         grace = self.timers.client_grace
         if grace <= timedelta(0):
             return []
@@ -208,9 +229,14 @@ class ClientSessions:
         return len(due)
 
     async def prune_events(self) -> None:
-        """Drop events (and finished worker commands) older than the retention."""
+        """Drop events (and finished worker commands) older than the retention, and session
+        rows not seen for longer than that, the client grace and SESSION_ROW_KEEP (each
+        Client object leaves a row; a live one is refreshed far more often)."""
+        now = self.clock.now()
+        keep = max(self.timers.event_retention, self.timers.client_grace, SESSION_ROW_KEEP)
         async with self.db.write() as conn:
-            await outbox.prune(conn, self.clock.now() - self.timers.event_retention)
+            await outbox.prune(conn, now - self.timers.event_retention)
+            await cq.prune_sessions(conn, now - keep)
 
 
 class FeedGate:
@@ -244,8 +270,8 @@ class FeedGate:
         verdicts = dict.fromkeys(asking, True)
         if len(asking) > self.small_batch:
             try:
-                positions = await self.sessions.positions([r.client_id for r in asking])
-                verdicts = {r: needs_reading(positions.get(r.client_id), r) for r in asking}
+                positions = await self.sessions.positions([r.key for r in asking])
+                verdicts = {r: needs_reading(positions.get(r.key), r) for r in asking}
             except Exception:
                 log.exception("checking woken feeds failed; they read anyway")
         for reader, answer in asking.items():

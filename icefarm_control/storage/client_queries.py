@@ -8,7 +8,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    and_,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -26,10 +39,20 @@ class OpenedSession:
 
 
 @dataclass(frozen=True)
-class FeedPosition:
-    """Where a client's feed stands in the database: who owns its session, how far it goes."""
+class SessionKey:
+    """One Session identity: the client (who owns the reservations) and the instance (which of
+    its Client objects; "" for a caller that names none)."""
 
     client_id: str
+    instance: str = ""
+
+
+@dataclass(frozen=True)
+class FeedPosition:
+    """Where one Session's feed stands in the database: which generation owns the session row,
+    and the newest event of the client's feed (shared by all its Sessions)."""
+
+    key: SessionKey
     generation: int
     last_sequence: int
 
@@ -41,25 +64,37 @@ class DueWarning:
     end_time: datetime
 
 
+def _furthest_delivery(client_id: str) -> ScalarSelect[Any]:
+    """How far any Session of the client got: a new instance starts there, as a new Session
+    of a client with one row always did (not with the whole retained history)."""
+    return (
+        select(func.coalesce(func.max(client_sessions.c.delivered_sequence), 0))
+        .where(client_sessions.c.client_id == client_id)
+        .scalar_subquery()
+    )
+
+
 async def open_session(
-    conn: AsyncConnection, client_id: str, replica_id: str, now: datetime
+    conn: AsyncConnection, key: SessionKey, replica_id: str, now: datetime
 ) -> OpenedSession:
-    """Take over the client's session row (creating it the first time): a new generation, so
-    any older stream of this client, on any replica, finds it is no longer the owner."""
+    """Take over the session row of this client and instance (creating it the first time): a
+    new generation, so an older stream of the same instance, on any replica, finds it is no
+    longer the owner. Other instances of the client keep their own rows."""
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (
         dialect_insert(client_sessions)
         .values(
-            client_id=client_id,
+            client_id=key.client_id,
+            instance=key.instance,
             replica_id=replica_id,
             session_generation=1,
             connect_time=now,
             disconnect_time=None,
             last_seen_time=now,
-            delivered_sequence=0,
+            delivered_sequence=_furthest_delivery(key.client_id),
         )
         .on_conflict_do_update(
-            index_elements=[client_sessions.c.client_id],
+            index_elements=[client_sessions.c.client_id, client_sessions.c.instance],
             set_={
                 "replica_id": replica_id,
                 "session_generation": client_sessions.c.session_generation + 1,
@@ -74,41 +109,49 @@ async def open_session(
     return OpenedSession(row.session_generation, row.delivered_sequence)
 
 
-def _owned(client_id: str, generation: int) -> ColumnElement[bool]:
+def _row(key: SessionKey) -> ColumnElement[bool]:
     return and_(
-        client_sessions.c.client_id == client_id,
-        client_sessions.c.session_generation == generation,
+        client_sessions.c.client_id == key.client_id,
+        client_sessions.c.instance == key.instance,
     )
 
 
-async def session_generation(conn: AsyncConnection, client_id: str) -> int:
-    query = select(client_sessions.c.session_generation).where(
-        client_sessions.c.client_id == client_id
-    )
+def _owned(key: SessionKey, generation: int) -> ColumnElement[bool]:
+    return and_(_row(key), client_sessions.c.session_generation == generation)
+
+
+def _keys_in(keys: Sequence[SessionKey]) -> ColumnElement[bool]:
+    pairs = [(k.client_id, k.instance) for k in keys]
+    return tuple_(client_sessions.c.client_id, client_sessions.c.instance).in_(pairs)
+
+
+async def session_generation(conn: AsyncConnection, key: SessionKey) -> int:
+    query = select(client_sessions.c.session_generation).where(_row(key))
     value: int | None = (await conn.execute(query)).scalar()
     return value or 0
 
 
 async def record_delivery(
-    conn: AsyncConnection, client_id: str, generation: int, sequence: int, now: datetime
+    conn: AsyncConnection, key: SessionKey, generation: int, sequence: int, now: datetime
 ) -> bool:
     """The stream of `generation` has sent events up to `sequence`; False when a newer
-    session owns the row (then nothing changes)."""
+    session of the same instance owns the row (then nothing changes)."""
     result = await conn.execute(
         update(client_sessions)
-        .where(_owned(client_id, generation))
+        .where(_owned(key, generation))
         .values(delivered_sequence=sequence, last_seen_time=now)
     )
     return bool(result.rowcount)
 
 
 async def close_session(
-    conn: AsyncConnection, client_id: str, generation: int, delivered: int, now: datetime
+    conn: AsyncConnection, key: SessionKey, generation: int, delivered: int, now: datetime
 ) -> bool:
-    """The stream of `generation` ended: the client's grace starts now (if it still owns it)."""
+    """The stream of `generation` ended: this Session counts as gone from now (if it still owns
+    the row); the client's grace starts once none of its Sessions is live."""
     result = await conn.execute(
         update(client_sessions)
-        .where(_owned(client_id, generation))
+        .where(_owned(key, generation))
         .values(
             replica_id=None,
             disconnect_time=now,
@@ -120,62 +163,79 @@ async def close_session(
 
 
 async def refresh_replica_sessions(
-    conn: AsyncConnection, replica_id: str, client_ids: Sequence[str], now: datetime
+    conn: AsyncConnection, replica_id: str, keys: Sequence[SessionKey], now: datetime
 ) -> None:
     """Keep the named live sessions of a replica fresh; a replica that dies stops refreshing,
     and its sessions then count as gone since their last refresh."""
+    if not keys:
+        return
     await conn.execute(
         update(client_sessions)
         .where(
             client_sessions.c.replica_id == replica_id,
             client_sessions.c.disconnect_time.is_(None),
-            client_sessions.c.client_id.in_(list(client_ids)),
+            _keys_in(keys),
         )
         .values(last_seen_time=now)
     )
 
 
-async def feed_positions(conn: AsyncConnection, client_ids: Sequence[str]) -> list[FeedPosition]:
-    """Session generation and last event sequence of each client named."""
-    if not client_ids:
+async def feed_positions(conn: AsyncConnection, keys: Sequence[SessionKey]) -> list[FeedPosition]:
+    """Session generation of each Session named, and the last event sequence of its client."""
+    if not keys:
         return []
     audience = literal(client_audience("")) + client_sessions.c.client_id
     query = (
         select(
             client_sessions.c.client_id,
+            client_sessions.c.instance,
             client_sessions.c.session_generation,
             event_sequences.c.last_sequence,
         )
         .outerjoin(event_sequences, event_sequences.c.audience == audience)
-        .where(client_sessions.c.client_id.in_(list(client_ids)))
+        .where(_keys_in(keys))
     )
     return [
-        FeedPosition(r.client_id, r.session_generation, r.last_sequence or 0)
+        FeedPosition(
+            SessionKey(r.client_id, r.instance), r.session_generation, r.last_sequence or 0
+        )
         for r in await conn.execute(query)
     ]
+
+
+async def prune_sessions(conn: AsyncConnection, before: datetime) -> int:
+    """Drop the session rows last seen before `before` (every Client object leaves one behind);
+    how many. A live Session is refreshed far more often than the retention, so it is never
+    among them; a pruned one counts as gone, which it had been anyway."""
+    result = await conn.execute(
+        delete(client_sessions).where(client_sessions.c.last_seen_time < before)
+    )
+    return int(result.rowcount or 0)
 
 
 async def lost_client_reservations(
     conn: AsyncConnection, cutoff: datetime, limit: int, among: Sequence[str] = ()
 ) -> list[tuple[str, str]]:
     """(reservation id, client id) of active reservations made while their client had a
-    Session open (`attached`), created before `cutoff`, whose client has had no live session
-    since before `cutoff`: closed it, or its replica stopped refreshing it."""
+    Session open (`attached`), created before `cutoff`, whose client has had no live Session
+    since before `cutoff`: none of its Sessions (one per Client object) is open and fresh, nor
+    closed after `cutoff`. One live Session is enough to keep them all."""
     sessions = client_sessions.c
-    no_live_session = or_(
-        sessions.client_id.is_(None),
-        and_(sessions.disconnect_time.is_not(None), sessions.disconnect_time <= cutoff),
-        and_(sessions.disconnect_time.is_(None), sessions.last_seen_time <= cutoff),
+    live_since_cutoff = or_(
+        and_(sessions.disconnect_time.is_not(None), sessions.disconnect_time > cutoff),
+        and_(sessions.disconnect_time.is_(None), sessions.last_seen_time > cutoff),
+    )
+    some_live_session = (
+        exists().where(sessions.client_id == reservations.c.client_id).where(live_since_cutoff)
     )
     query = (
         select(reservations.c.id, reservations.c.client_id)
-        .outerjoin(client_sessions, sessions.client_id == reservations.c.client_id)
         .where(
             reservations.c.state == ACTIVE,
             reservations.c.attached.is_(True),
             reservations.c.create_time <= cutoff,
+            ~some_live_session,
         )
-        .where(no_live_session)
         .order_by(reservations.c.create_time, reservations.c.id)
         .limit(limit)
     )

@@ -4,12 +4,13 @@ The shape is labgrid's: a handshake (Hello within the handshake timeout), then a
 over the request iterator (Ping → Pong, WatchAvailability, UnwatchAvailability) and a feed task
 (the client's outbox after the resume point, re-read on every wake-up of `client:<id>`), both
 putting what goes out on one queue that the handler drains. No lock is held across a network
-wait; the database decides who owns a client's feed (the session generation).
+wait; the database decides who owns a Session (the generation of its client and instance).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from icefarm_control.domain.errors import IcefarmDomainError, InvalidArgument, R
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.notifier import Flag, Mailbox, Notifier
 from icefarm_control.storage import outbox
+from icefarm_control.storage.client_queries import SessionKey
 from icefarm_control.transport import convert
 from icefarm_control.transport import events as event_messages
 from icefarm_control.transport.errors import abort, domain_status, to_status
@@ -45,10 +47,12 @@ MAX_WATCHES = 64
 RESYNC_SECONDS = 5.0
 # A feed's own last resort, should the upkeep not run.
 FEED_RESYNC_SECONDS = 60.0
+# Hello.instance: which Client object of the client this is (the charset of client ids).
+_INSTANCE = re.compile(r"[\x21-\x7e]{0,64}")
 
 SUPERSEDED = to_status(
     grpc.StatusCode.ABORTED,
-    "superseded: a newer Session of this client took over (do not reconnect this one)",
+    "superseded: a newer Session of this client and instance took over (do not reconnect this one)",
     Reason.CONFLICT.value,
 )
 SHUTTING_DOWN = to_status(
@@ -83,7 +87,7 @@ class ClientSessionHandler:
         self.gate = FeedGate(sessions)
         self.handshake_timeout = handshake_timeout
         self.max_count = max_count
-        self._live: dict[str, ClientStream] = {}
+        self._live: dict[SessionKey, ClientStream] = {}
         self._refreshed = float("-inf")
         self._closing = False
 
@@ -114,20 +118,21 @@ class ClientSessionHandler:
                 raise Unavailable("the control is shutting down; reconnect to another replica")
             caller = caller_identity(context, required=True)
             hello = await self._handshake(requests)
-            start = await to_completion(self.sessions.open(caller.client_id, hello.resume_after))
+            key = SessionKey(caller.client_id, hello.instance)
+            start = await to_completion(self.sessions.open(key, hello.resume_after))
         except Exception as error:
             await abort(context, failure_status(error, "Session"))
         stream = ClientStream(self, start)
-        previous = self._live.get(start.client_id)
+        previous = self._live.get(start.key)
         if previous is not None:
             previous.end(SUPERSEDED)
-        self._live[start.client_id] = stream
+        self._live[start.key] = stream
         if self._closing:
             stream.end(SHUTTING_DOWN)
         try:
             yield pb.SessionResponse(
                 welcome=pb.Welcome(
-                    client_id=start.client_id,
+                    client_id=start.key.client_id,
                     last_sequence=start.last_sequence,
                     timers=convert.timers(self.sessions.timers),
                 )
@@ -135,8 +140,8 @@ class ClientSessionHandler:
             async for response in stream.run(requests):
                 yield response
         finally:
-            if self._live.get(start.client_id) is stream:
-                del self._live[start.client_id]
+            if self._live.get(start.key) is stream:
+                del self._live[start.key]
             # Runs to its end even when gRPC cancels this handler (again) meanwhile.
             await to_completion(stream.finish())
         if stream.status is not None:
@@ -156,6 +161,10 @@ class ClientSessionHandler:
             raise InvalidArgument(
                 "hello", f"the first message must be Hello, not {kind or 'empty'}"
             )
+        if not _INSTANCE.fullmatch(first.hello.instance):
+            raise InvalidArgument(
+                "hello.instance", "must be at most 64 printable ASCII characters (no spaces)"
+            )
         return first.hello
 
     async def upkeep(self) -> None:
@@ -169,13 +178,13 @@ class ClientSessionHandler:
             await self.sessions.refresh(list(live))
             self._refreshed = now
         positions = await self.sessions.positions(list(live))
-        behind = [
-            outbox.client_audience(client_id)
-            for client_id, stream in live.items()
-            if needs_reading(positions.get(client_id), stream)
-        ]
+        behind = {
+            outbox.client_audience(key.client_id)
+            for key, stream in live.items()
+            if needs_reading(positions.get(key), stream)
+        }
         if behind:
-            self.notifier.wake(behind)
+            self.notifier.wake(sorted(behind))
 
     async def shut_down(self, timeout: float) -> None:
         """End every Session with UNAVAILABLE (clients reconnect elsewhere) and wait, up to
@@ -198,7 +207,8 @@ class ClientStream:
     def __init__(self, handler: ClientSessionHandler, start: SessionStart) -> None:
         self.handler = handler
         self.sessions = handler.sessions
-        self.client_id = start.client_id
+        self.key = start.key
+        self.client_id = start.key.client_id
         self.generation = start.generation
         # Read from the outbox up to here / yielded to gRPC (or skipped) up to here.
         self.cursor = start.resume_after
@@ -245,9 +255,13 @@ class ClientStream:
             self.handler.monitor.unwatch(watch)
         self._watches.clear()
         try:
-            await self.sessions.close(self.client_id, self.generation, self.sent)
+            await self.sessions.close(self.key, self.generation, self.sent)
         except Exception:
-            log.exception("could not record the end of a client session", client=self.client_id)
+            log.exception(
+                "could not record the end of a client session",
+                client=self.client_id,
+                instance=self.key.instance,
+            )
         finally:
             self.finished.set()
 
@@ -324,9 +338,7 @@ class ClientStream:
     async def _deliver_batch(self) -> bool:
         """Send the next events after the cursor and record how far the feed got; False when
         the stream must end (a newer Session owns the feed)."""
-        batch = await to_completion(
-            self.sessions.read_feed(self.client_id, self.generation, self.cursor)
-        )
+        batch = await to_completion(self.sessions.read_feed(self.key, self.generation, self.cursor))
         if batch.superseded:
             self.end(SUPERSEDED)
             return False
@@ -340,7 +352,7 @@ class ClientStream:
                 self._out.put_nowait(pb.SessionResponse(event=message))
         await self._out.join()  # every queued message went to gRPC (backpressure)
         self.sent = max(self.sent, self.cursor)
-        recorded = self.sessions.record_delivery(self.client_id, self.generation, self.cursor)
+        recorded = self.sessions.record_delivery(self.key, self.generation, self.cursor)
         if not await to_completion(recorded):
             self.end(SUPERSEDED)
             return False

@@ -19,7 +19,7 @@ from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2
 from icefarm_control.storage.models import client_sessions
 from icefarm_control.storage.testing import seed_farm
-from tests.grpc_errors import reason_of
+from tests.grpc_errors import bad_fields_of, reason_of
 from tests.integration.conftest import RunningControl, as_client
 from tests.integration.session_client import (
     SessionClient,
@@ -390,3 +390,147 @@ async def test_a_lease_about_to_end_is_announced_once_per_end_time(quick: Runnin
     assert rest[2].reservation_ended.reason == types_pb2.END_REASON_EXPIRED
     assert [e.sequence for e in [warning, *rest]] == [1, 2, 3, 4]
     alice.close()
+
+
+# ------------------------------------------------------------ several Sessions of one client
+
+
+async def open_instance(
+    control: RunningControl, client: str, instance: str, resume_after: int = 0
+) -> SessionClient:
+    """A Session of `client` as one of its Client objects (`instance`)."""
+    call = control.reservations.Session(metadata=as_client(client))
+    hello = rpb.Hello(resume_after=resume_after, instance=instance)
+    await call.write(rpb.SessionRequest(hello=hello))
+    first = await asyncio.wait_for(call.read(), 10)
+    assert first.WhichOneof("kind") == "welcome", first
+    return SessionClient(call, first.welcome)
+
+
+async def instance_row(control: RunningControl, client: str, instance: str) -> object | None:
+    async with control.database.read() as conn:
+        query = select(client_sessions).where(
+            client_sessions.c.client_id == client, client_sessions.c.instance == instance
+        )
+        return (await conn.execute(query)).first()
+
+
+async def test_two_instances_of_one_client_coexist_and_both_get_its_events(
+    control: RunningControl,
+) -> None:
+    await seed_farm(control.database, boards_per_worker=1)
+    first = await open_instance(control, "alice", "one")
+    second = await open_instance(control, "alice", "two")
+    assert second.welcome.client_id == "alice"
+    released = await cycle(control, "alice")
+    for session in (first, second):
+        event = await session.next_event()
+        assert event.sequence == 1
+        assert event.reservation_ended.reservation_id == released
+    # Neither replaced the other: both still answer.
+    assert await first.ping(1) == []
+    assert await second.ping(1) == []
+    rows = [await instance_row(control, "alice", name) for name in ("one", "two")]
+    assert [r.session_generation for r in rows] == [1, 1]  # type: ignore[union-attr]
+    first.close()
+    second.close()
+
+
+async def test_each_instance_resumes_from_its_own_delivery_and_a_new_one_from_the_furthest(
+    control: RunningControl,
+) -> None:
+    await seed_farm(control.database, boards_per_worker=1)
+    first = await open_instance(control, "alice", "one")
+    await cycle(control, "alice")
+    await cycle(control, "alice")
+    assert [e.sequence for e in await first.events(2)] == [1, 2]
+
+    async def delivered(instance: str, sequence: int) -> bool:
+        row = await instance_row(control, "alice", instance)
+        return row is not None and row.delivered_sequence == sequence  # type: ignore[attr-defined]
+
+    await eventually(lambda: delivered("one", 2), what="one's delivery to be recorded")
+    # A new Client object starts where the client's Sessions got to, not with the history.
+    second = await open_instance(control, "alice", "two")
+    await cycle(control, "alice")
+    assert (await second.next_event()).sequence == 3
+    assert (await first.next_event()).sequence == 3
+    await eventually(lambda: delivered("two", 3), what="two's delivery to be recorded")
+    second.close()
+    await cycle(control, "alice")
+    assert (await first.next_event()).sequence == 4
+    # "two" was away for event 4: it resumes after its own delivery (3), not one's (4).
+    again = await open_instance(control, "alice", "two")
+    assert (await again.next_event()).sequence == 4
+    first.close()
+    again.close()
+
+
+async def test_a_new_session_with_the_same_instance_supersedes_the_older_only(
+    control: RunningControl,
+) -> None:
+    other = await open_instance(control, "alice", "two")
+    first = await open_instance(control, "alice", "one")
+    replacement = await open_instance(control, "alice", "one")
+    error = await first.status()
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert reason_of(error) == "CONFLICT"
+    assert "superseded" in (error.details() or "")
+    assert await replacement.ping(1) == []
+    assert await other.ping(1) == []
+    row = await instance_row(control, "alice", "one")
+    assert row is not None and row.session_generation == 2  # type: ignore[attr-defined]
+    other.close()
+    replacement.close()
+
+
+@pytest.mark.parametrize("instance", ["x" * 65, "has space", "tab\there", "é"])
+async def test_a_malformed_instance_is_invalid_argument_naming_the_field(
+    control: RunningControl, instance: str
+) -> None:
+    call = control.reservations.Session(metadata=as_client("alice"))
+    await call.write(rpb.SessionRequest(hello=rpb.Hello(instance=instance)))
+    error = await SessionClient(call, rpb.Welcome()).status()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields_of(error) == ["hello.instance"]
+    assert await session_row(control, "alice") is None
+
+
+async def test_the_client_grace_keeps_reservations_while_one_instance_is_live(
+    quick: RunningControl,
+) -> None:
+    await seed_farm(quick.database, boards_per_worker=3)
+    staying = await open_instance(quick, "alice", "staying")
+    leaving = await open_instance(quick, "alice", "leaving")
+    kept = await reserve(quick, "alice", count=1)
+    leaving.close()
+
+    async def disconnected() -> bool:
+        row = await instance_row(quick, "alice", "leaving")
+        return row is not None and row.disconnect_time is not None  # type: ignore[attr-defined]
+
+    await eventually(disconnected, what="the disconnect to be recorded")
+    # carol drops her only Session after alice's "leaving" did: once carol has lost her
+    # reservation, alice's grace would have run out too, had "staying" not been live.
+    carol = await SessionClient.open(quick.reservations, "carol")
+    canary = await reserve(quick, "carol", count=1)
+    carol.close()
+
+    async def canary_lost() -> bool:
+        row = (await reservations_of(quick, "carol"))[canary.id]
+        return row.end_reason == types_pb2.END_REASON_CLIENT_LOST
+
+    await eventually(canary_lost, what="the canary to be lost")
+    assert (await reservations_of(quick, "alice"))[kept.id].state == (
+        types_pb2.RESERVATION_STATE_ACTIVE
+    )
+    assert await staying.ping(1) == []
+
+    # With the last Session gone the grace runs and the reservation ends as client lost.
+    staying.close()
+
+    async def kept_lost() -> bool:
+        row = (await reservations_of(quick, "alice"))[kept.id]
+        return row.end_reason == types_pb2.END_REASON_CLIENT_LOST
+
+    await eventually(kept_lost, what="alice's reservation to be lost")
