@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from icefarm_control.domain.inventory import Inventory
 from icefarm_control.domain.liveness import WorkerLiveness
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
-from icefarm_control.domain.tokens import TokenSigner
+from icefarm_control.domain.tokens import SigningKeyMismatch, load_signer
 from icefarm_control.domain.workers import WorkerRegistry
 from icefarm_control.notifier import (
     Notifier,
@@ -75,13 +74,19 @@ class ControlApp:
     _announcer_task: asyncio.Task[None] | None = field(init=False, default=None)
 
     async def start(self) -> int:
-        self.database = Database(self.config.database, pool_size=self.config.db_pool_size)
+        self.database = Database(
+            self.config.database,
+            pool_size=self.config.db_pool_size,
+            concurrency=self.config.db_concurrency,
+        )
         await upgrade(self.database)
-        key = self.config.token_key.encode() if self.config.token_key else None
-        if key is None:
-            key = secrets.token_bytes(32)
-            log.info("using a random token key (set ICEFARM_TOKEN_KEY when running replicas)")
         clock = SystemClock()
+        try:
+            # The key every replica of this database signs with (domain/tokens.py).
+            signer = await load_signer(self.database, self.config.token_key, clock)
+        except SigningKeyMismatch:
+            await self.database.dispose()
+            raise
         self.notifier = Notifier()
         self.database.on_commit = self.notifier.wake
         if self.database.is_postgresql:
@@ -102,12 +107,11 @@ class ControlApp:
             )
         self.engine = ReservationEngine(
             self.database,
-            signer=TokenSigner(key),
+            signer=signer,
             clock=clock,
             timers=self.config.timers,
             limits=Limits(),
             notifier=self.notifier,
-            concurrency=self.config.db_concurrency,
         )
         inventory = Inventory(self.database, self.engine, clock, self.engine.limits)
         timers, limits, replica = self.engine.timers, self.engine.limits, self.engine.replica_id

@@ -15,7 +15,8 @@ from typing import Any
 
 from icefarm.settings import ConfigError as ConfigError
 from icefarm.settings import Setting, layered_values
-from icefarm_control.domain.settings import DEFAULT_DB_CONCURRENCY, Timers
+from icefarm_control.domain.settings import Timers
+from icefarm_control.storage.database import DEFAULT_DB_CONCURRENCY
 from icefarm_control.storage.database import default_database_url
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -57,7 +58,8 @@ def _positive_int(text: str) -> int:
 
 
 def _token_key(text: str) -> str:
-    # Empty means "a random key per process"; anything else must be long enough to sign with.
+    # Empty means "the key in the database" (made at its first start); anything else seeds
+    # that key and must match it afterwards, so it must be long enough to sign with.
     if text and len(text.encode()) < 16:
         raise ValueError("must be at least 16 characters")
     return text
@@ -124,8 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "token_key",
         _token_key,
-        "secret (16+ characters) that signs worker tokens; replicas must share it "
-        "(default: a random key per process)",
+        "optional secret (16+ characters) the database's token signing key is derived from "
+        "when the database has none yet; a replica whose token_key does not match the "
+        "database's key refuses to start (default: the database's key, random at first start)",
     ),
     Setting("db_pool_size", _positive_int, "PostgreSQL connections per replica"),
     Setting(

@@ -9,6 +9,7 @@ from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.device_changes import device_changed
 from icefarm_control.domain.errors import InvalidArgument, NotFound, Reason
 from icefarm_control.domain.events import CommandType
+from icefarm_control.domain.ledger import ReleaseOutcome
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Limits
@@ -70,27 +71,38 @@ class Inventory:
         return WorkerPage(rows[:size], token)
 
     async def remove_device(self, device_id: str) -> DeviceRow:
-        """Take a device out of the farm; a reservation holding it loses it (DEVICE_REMOVED)."""
-        device = await self.get_device(device_id)
-        if device.reservation_id is not None:
-            await self.engine.end_reservations(
-                device_ids=[device_id], reason=EndReason.DEVICE_REMOVED
+        """Take a device out of the farm; a reservation holding it loses it (DEVICE_REMOVED).
+        Ending the hold and marking the device REMOVED are one transaction, so the queue can
+        never be handed a device that is being removed."""
+        if not device_id:
+            raise InvalidArgument("device_id", "is required")
+        async with self.db.write() as tx:
+            ended = await self.engine.end_reservations_in(
+                tx, device_ids=[device_id], reason=EndReason.DEVICE_REMOVED
             )
-        now = self.clock.now()
-        async with self.db.write() as conn:
-            current = await q.get_device(conn, device_id)
-            assert current is not None
+            current = await q.get_device(tx, device_id, lock=True)
+            assert current is not None  # end_reservations_in refused an unknown device
+            if current.reservation_id is not None:
+                # Reserved between our first look and the lock: end that hold too.
+                more = await self.engine.end_reservations_in(
+                    tx, device_ids=[device_id], reason=EndReason.DEVICE_REMOVED
+                )
+                ended = ReleaseOutcome(ended.device_ids + more.device_ids, [])
+            now = self.clock.now()
             check_transition(device_id, DeviceState(current.state), DeviceState.REMOVED)
             await q.set_device_state(
-                conn, [device_id], DeviceState.REMOVED, now, clear_reservation=True
+                tx, [device_id], DeviceState.REMOVED, now, clear_reservation=True
             )
             # The worker stops using the board; the operators see it go.
             await outbox.append_command(
-                conn,
+                tx,
                 current.worker,
                 CommandType.REMOVE_DEVICE,
                 events.remove_device(device_id=device_id),
                 now,
                 device_id=device_id,
             )
-            return await device_changed(conn, device_id, now)
+            removed = await device_changed(tx, device_id, now)
+        if ended.device_ids:
+            await self.engine.serve_waiters()
+        return removed

@@ -28,6 +28,8 @@ class ReserveSpec:
     wait: timedelta
     request_id: str | None = None
     selector_text: str = field(default="")
+    # Queue even when the farm has fewer matching devices (in any state) than wanted.
+    wait_for_new_devices: bool = False
 
     @property
     def needed(self) -> int:
@@ -85,6 +87,7 @@ def check_reserve(
     request_id: str,
     default_lease: timedelta,
     limits: Limits,
+    wait_for_new_devices: bool = False,
 ) -> ReserveSpec:
     """Check every field of a Reserve request; InvalidArgument names the first bad one."""
     ids = check_device_ids("device_ids", device_ids, limits)
@@ -125,4 +128,5 @@ def check_reserve(
         wait=wait_checked,
         request_id=request_id or None,
         selector_text=str(parsed) if parsed else "",
+        wait_for_new_devices=wait_for_new_devices,
     )

@@ -1,17 +1,18 @@
-"""The reservation engine: reserve (all or nothing, fair queueing), extend, release, expire."""
+"""The reservation engine: reserve (all or nothing, fair queueing), extend, release, expire.
+
+The engine decides; storage opens the transactions and chooses between PostgreSQL's
+single-statement fast paths and the general path (storage/fast_paths.py). Reservations are
+written through the ledger; the waiting line plans and serves the queue."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import structlog
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import paging, reservation_log
 from icefarm_control.domain.allocation import Demand
@@ -23,35 +24,29 @@ from icefarm_control.domain.errors import (
     NotFound,
     PermissionDenied,
     Reason,
+    ReservationEnded,
 )
+from icefarm_control.domain.ledger import ReleaseOutcome, ReservationLedger, new_reservation_row
 from icefarm_control.domain.modes import ModeCatalog
 from icefarm_control.domain.requests import ReserveSpec, check_ids, check_lease
 from icefarm_control.domain.selectors import parse_selector
-from icefarm_control.domain.settings import DEFAULT_DB_CONCURRENCY, Limits, Timers
-from icefarm_control.domain.states import (
-    DeviceState,
-    EndReason,
-    ReservationState,
-    state_after_release,
-)
+from icefarm_control.domain.settings import Limits, Timers
+from icefarm_control.domain.states import EndReason, ReservationState
 from icefarm_control.domain.tokens import TokenClaims, TokenSigner
 from icefarm_control.domain.waiting import NEW_REQUEST, WaitingLine
 from icefarm_control.notifier import Notifier
-from icefarm_control.storage import fast_paths, outbox
+from icefarm_control.storage import fast_paths
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import waiter_queries as waiter_q
-from icefarm_control.storage.database import Database
-from icefarm_control.storage.records import (
-    ReservationRow,
-    ReservedDeviceRow,
-)
-from icefarm_control.storage.sequencer import UNSEQUENCED
+from icefarm_control.storage.database import Database, Transaction
+from icefarm_control.storage.records import ReservationRow
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["Grant", "Page", "ReleaseOutcome", "ReservationEngine", "StillDue"]
 
 # Re-checks, inside the ending transaction, which reservations are still due to end.
-StillDue = Callable[[AsyncConnection, list[str]], Awaitable[set[str]]]
+StillDue = Callable[[Transaction, list[str]], Awaitable[set[str]]]
 
 
 @dataclass(frozen=True)
@@ -63,18 +58,12 @@ class Grant:
 
 
 @dataclass(frozen=True)
-class ReleaseOutcome:
-    device_ids: list[str]
-    ended_reservation_ids: list[str]
-
-
-@dataclass(frozen=True)
 class Page:
     reservations: list[ReservationRow]
     next_page_token: str
 
 
-class ReservationEngine(WaitingLine):
+class ReservationEngine:
     """Every way a reservation starts, changes and ends. Safe with several replicas on one
     PostgreSQL: all coordination is in the database; in-process events only speed up wake-ups."""
 
@@ -88,7 +77,6 @@ class ReservationEngine(WaitingLine):
         limits: Limits | None = None,
         replica_id: str = "",
         notifier: Notifier | None = None,
-        concurrency: int = DEFAULT_DB_CONCURRENCY,
     ) -> None:
         self.db = database
         self.signer = signer
@@ -97,151 +85,93 @@ class ReservationEngine(WaitingLine):
         self.limits = limits or Limits()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.notifier = notifier or Notifier()
-        # Queue entries whose Reserve call is waiting in this process.
-        self._waiting: set[int] = set()
-        # Past a few statements at once, PostgreSQL on a small machine gets slower, not faster
-        # (backends and WAL writers crowd the CPUs): the rest wait here, in arrival order.
-        self._fast_lane = asyncio.Semaphore(concurrency)
         self.modes = ModeCatalog(database)
-        self._abandoning: set[asyncio.Task[None]] = set()
+        self.ledger = ReservationLedger(clock)
+        self.queue = WaitingLine(
+            database, self.ledger, clock, self.timers, self.notifier, self.replica_id
+        )
 
     # ------------------------------------------------------------ reserve
 
     async def reserve(self, client_id: str, spec: ReserveSpec) -> Grant:
-        """All `spec.needed` devices or none; waits in line up to `spec.wait` when short."""
+        """All `spec.needed` devices or none; waits in line up to `spec.wait` when short.
+        A request the farm can never meet (fewer matching devices in any state) fails at once
+        unless it asks to wait for new devices."""
         await self.modes.check(spec.mode)
-        if self.db.is_postgresql:
-            async with self._fast_lane:
-                quick = await self._reserve_in_one_statement(client_id, spec)
-            if quick is not None:
-                return self.grant(quick)
         now = self.clock.now()
-        reservation: ReservationRow | None = None
-        async with self.db.write() as conn:
+        reservation_id = uuid.uuid4().hex
+        quick = await fast_paths.try_reserve(
+            self.db,
+            reservation_id=reservation_id,
+            client_id=client_id,
+            mode=spec.mode,
+            mode_args=spec.mode_args,
+            selector_text=spec.selector_text,
+            count=spec.count,
+            device_ids=spec.device_ids,
+            now=now,
+            end_time=now + spec.lease,
+            request_id=spec.request_id,
+        )
+        if quick is not None:
+            return self.grant(new_reservation_row(reservation_id, client_id, spec, quick, now))
+        async with self.db.write() as tx:
+            now = self.clock.now()
             if spec.request_id:
-                earlier = await q.reservation_by_request(conn, client_id, spec.request_id)
+                earlier = await q.reservation_by_request(tx, client_id, spec.request_id)
                 if earlier is not None:
                     return self.grant(earlier)
             if spec.device_ids:
-                known = await q.existing_device_ids(conn, spec.device_ids)
+                known = await q.existing_device_ids(tx, spec.device_ids)
                 unknown = [d for d in spec.device_ids if d not in known]
                 if unknown:
-                    raise InvalidArgument("device_ids", f"unknown device {unknown[0]!r}")
+                    raise NotFound(f"no device {unknown[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
             taken = await q.take_free_devices_fast(
-                conn, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
+                tx, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
             )
             if taken is None:
                 demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
-                taken = await self._allocate(conn, now, extra=demand)
+                taken = await self.queue.allocate(tx, now, extra=demand)
             if taken is not None:
-                reservation = await self._create(conn, client_id, spec, taken, now)
-            elif spec.wait <= timedelta(0):
-                if spec.device_ids:
-                    unusable = await q.unusable_devices(conn, spec.device_ids)
-                    if unusable:
-                        raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
-                raise NotEnoughDevices(self._shortage(spec))
-            else:
-                waiter_id = await waiter_q.insert_waiter(
-                    conn,
-                    client_id=client_id,
-                    count=spec.count,
-                    device_ids=spec.device_ids,
-                    selector=spec.selector_text,
-                    mode=spec.mode,
-                    mode_args=spec.mode_args,
-                    lease_seconds=spec.lease.total_seconds(),
-                    request_id=spec.request_id,
-                    now=now,
-                    deadline=now + spec.wait,
-                    replica_id=self.replica_id,
-                )
-                self._waiting.add(waiter_id)
-        if reservation is not None:
-            return self.grant(reservation)
-        return self.grant(await self._wait(waiter_id, spec, now + spec.wait))
+                row = await self.ledger.create(tx, client_id, spec, taken, now)
+                return self.grant(row)
+            if spec.device_ids and spec.wait <= timedelta(0):
+                unusable = await q.unusable_devices(tx, spec.device_ids)
+                if unusable:
+                    raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
+            shortage = await self._shortage(tx, spec)
+            never = shortage.counts.get("matching", spec.needed) < spec.needed
+            if spec.wait <= timedelta(0) or (never and not spec.wait_for_new_devices):
+                raise shortage
+            waiter_id = await self.queue.enqueue(tx, client_id, spec)
+        served = await self.queue.wait(waiter_id, now + spec.wait)
+        if served is None:
+            async with self.db.read() as tx:
+                shortage = await self._shortage(tx, spec)
+            raise NotEnoughDevices(shortage.message, waited=True, counts=shortage.counts)
+        return self.grant(served)
 
-    async def _reserve_in_one_statement(
-        self, client_id: str, spec: ReserveSpec
-    ) -> ReservationRow | None:
-        """PostgreSQL's one-round-trip reserve; None sends the caller down the general path."""
-        now = self.clock.now()
-        reservation_id = uuid.uuid4().hex
-        try:
-            async with self.db.autocommit() as conn:
-                taken = await fast_paths.reserve_in_one_statement(
-                    conn,
-                    reservation_id=reservation_id,
-                    client_id=client_id,
-                    mode=spec.mode,
-                    mode_args=spec.mode_args,
-                    selector_text=spec.selector_text,
-                    count=spec.count,
-                    device_ids=spec.device_ids,
-                    now=now,
-                    end_time=now + spec.lease,
-                    request_id=spec.request_id,
-                )
-        except IntegrityError:
-            return None  # a retried request_id: the general path returns the first answer
-        if taken is None:
-            return None
-        self.db.published({UNSEQUENCED} | {outbox.worker_topic(d.worker) for d in taken})
-        return self._new_row(reservation_id, client_id, spec, taken, now)
-
-    def _shortage(self, spec: ReserveSpec) -> str:
+    async def _shortage(self, tx: Transaction, spec: ReserveSpec) -> NotEnoughDevices:
+        """The error for a request that cannot be met now, with wanted / matching / free."""
         if spec.device_ids:
-            return f"not all of {', '.join(spec.device_ids)} are free"
+            return NotEnoughDevices(
+                f"not all of {', '.join(spec.device_ids)} are free",
+                counts={"wanted": len(spec.device_ids)},
+            )
+        matching = await q.count_matching_devices(tx, spec.selector)
+        free = len(await q.count_free_devices(tx, spec.selector))
         where = f" matching {spec.selector_text!r}" if spec.selector_text else ""
-        return f"{spec.count} device(s) wanted but fewer are free{where}"
-
-    @staticmethod
-    def _new_row(
-        reservation_id: str,
-        client_id: str,
-        spec: ReserveSpec,
-        taken: Sequence[ReservedDeviceRow],
-        now: datetime,
-    ) -> ReservationRow:
-        return ReservationRow(
-            id=reservation_id,
-            client_id=client_id,
-            mode=spec.mode,
-            mode_args=spec.mode_args,
-            selector=spec.selector_text,
-            create_time=now,
-            end_time=now + spec.lease,
-            state=ReservationState.ACTIVE.value,
-            end_reason=None,
-            ended_time=None,
-            request_id=spec.request_id,
-            devices=tuple(sorted(taken, key=lambda d: d.id)),
+        if matching < spec.count:
+            text = (
+                f"{spec.count} device(s) wanted but the farm has only {matching}{where} "
+                f"({free} free); set wait_for_new_devices to wait for devices that do not "
+                "exist yet"
+            )
+        else:
+            text = f"{spec.count} device(s) wanted, {matching}{where} in the farm, {free} free"
+        return NotEnoughDevices(
+            text, counts={"wanted": spec.count, "matching": matching, "free": free}
         )
-
-    async def _create(
-        self,
-        conn: AsyncConnection,
-        client_id: str,
-        spec: ReserveSpec,
-        taken: Sequence[ReservedDeviceRow],
-        now: datetime,
-    ) -> ReservationRow:
-        row = self._new_row(uuid.uuid4().hex, client_id, spec, taken, now)
-        await q.insert_reservation(
-            conn,
-            reservation_id=row.id,
-            client_id=client_id,
-            mode=spec.mode,
-            mode_args=spec.mode_args,
-            selector=spec.selector_text,
-            device_ids=[d.id for d in taken],
-            now=now,
-            end_time=row.end_time,
-            request_id=spec.request_id,
-        )
-        await reservation_log.record_created(conn, row, spec.lease.total_seconds(), now)
-        log.debug("reserved", reservation=row.id, client=client_id, devices=[d.id for d in taken])
-        return row
 
     def grant(self, reservation: ReservationRow) -> Grant:
         claims = TokenClaims(
@@ -251,6 +181,13 @@ class ReservationEngine(WaitingLine):
             expires=reservation.end_time,
         )
         return Grant(reservation, self.signer.sign(claims))
+
+    async def serve_waiters(self) -> None:
+        """Give free devices to the queue (called when devices become AVAILABLE)."""
+        await self.queue.serve_waiters()
+
+    async def close(self) -> None:
+        await self.queue.close()
 
     # ------------------------------------------------------------ release and end
 
@@ -267,110 +204,75 @@ class ReservationEngine(WaitingLine):
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         if not (device_ids or reservation_ids or everything):
             raise InvalidArgument("device_ids", "name devices or reservations, or set all")
-        if self.db.is_postgresql and len(reservation_ids) == 1 and not (device_ids or everything):
-            async with self._fast_lane:
-                quick = await self._release_in_one_statement(client_id, reservation_ids[0])
-            if quick is not None:
-                return quick
-        async with self.db.write() as conn:
-            rows: dict[str, ReservationRow] = {}
-            targets: dict[str, list[str]] = defaultdict(list)
-            if everything:
-                mine = await q.active_reservation_ids(conn, client_id=client_id)
-                rows.update((r.id, r) for r in await q.get_reservations(conn, mine, lock=True))
-            rows.update(
-                (r.id, r) for r in await self._own_reservations(conn, client_id, reservation_ids)
-            )
-            for row in rows.values():
-                targets[row.id].extend(row.held_device_ids)
-            for device_id in device_ids:
-                device = await q.get_device(conn, device_id)
-                if device is None:
-                    raise InvalidArgument("device_ids", f"unknown device {device_id!r}")
-                if device.reservation_id is None:
-                    continue  # already free: releasing twice is not an error
-                if device.holder != client_id:
-                    raise PermissionDenied(f"device {device_id} is held by another client")
-                targets[device.reservation_id].append(device_id)
-            outcome = await self._let_go(conn, targets, EndReason.RELEASED, rows)
-            await self._serve_if_queued(conn, self.clock.now())
-        return outcome
-
-    async def _release_in_one_statement(
-        self, client_id: str, reservation_id: str
-    ) -> ReleaseOutcome | None:
-        """PostgreSQL's one-round-trip release of a whole reservation; None = general path."""
-        async with self.db.autocommit() as conn:
-            released = await fast_paths.release_in_one_statement(
-                conn,
+        if len(reservation_ids) == 1 and not (device_ids or everything):
+            quick = await fast_paths.try_release(
+                self.db,
                 client_id=client_id,
-                reservation_id=reservation_id,
+                reservation_id=reservation_ids[0],
                 reason=EndReason.RELEASED.value,
                 now=self.clock.now(),
             )
-        if released is None:
-            return None
-        topics = {outbox.client_audience(client_id), UNSEQUENCED, outbox.DEVICES}
-        self.db.published(topics | {outbox.worker_topic(w) for w in released.workers})
-        if released.queued:
-            await self.serve_waiters()
-        return ReleaseOutcome(released.device_ids, [reservation_id])
+            if quick is not None:
+                if quick.queued:
+                    await self.serve_waiters()
+                return ReleaseOutcome(quick.device_ids, [reservation_ids[0]])
+        async with self.db.write() as tx:
+            rows: dict[str, ReservationRow] = {}
+            targets: dict[str, list[str]] = defaultdict(list)
+            if everything:
+                mine = await q.active_reservation_ids(tx, client_id=client_id)
+                rows.update((r.id, r) for r in await q.get_reservations(tx, mine, lock=True))
+            rows.update(
+                (r.id, r) for r in await self._own_reservations(tx, client_id, reservation_ids)
+            )
+            for row in rows.values():
+                targets[row.id].extend(row.held_device_ids)
+            if device_ids:
+                known = await q.existing_device_ids(tx, device_ids)
+                unknown = [d for d in device_ids if d not in known]
+                if unknown:
+                    raise NotFound(f"no device {unknown[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
+                holding = await q.active_reservation_ids(tx, device_ids=device_ids)
+                locked = await q.get_reservations(tx, sorted(set(holding) - set(rows)), lock=True)
+                rows.update((r.id, r) for r in locked)
+                by_device = {
+                    d: r for r in rows.values() for d in r.held_device_ids if d in set(device_ids)
+                }
+                for device_id in device_ids:
+                    holder = by_device.get(device_id)
+                    if holder is None:
+                        continue  # already free: releasing twice is not an error
+                    if holder.client_id != client_id:
+                        raise PermissionDenied(f"device {device_id} is held by another client")
+                    targets[holder.id].append(device_id)
+            outcome = await self.ledger.let_go(tx, targets, EndReason.RELEASED, rows)
+            await self.queue.serve_if_queued(tx, self.clock.now())
+        return outcome
 
     async def _own_reservations(
-        self, conn: AsyncConnection, client_id: str, reservation_ids: Sequence[str]
+        self,
+        tx: Transaction,
+        client_id: str | None,
+        reservation_ids: Sequence[str],
+        *,
+        ended_is_error: bool = False,
     ) -> list[ReservationRow]:
+        """The named reservations, locked; each must exist and be the caller's. The active
+        ones are returned; an ended one is ReservationEnded when `ended_is_error`."""
         if not reservation_ids:
             return []
-        rows = {r.id: r for r in await q.get_reservations(conn, reservation_ids, lock=True)}
+        rows = {r.id: r for r in await q.get_reservations(tx, reservation_ids, lock=True)}
         for reservation_id in reservation_ids:
             row = rows.get(reservation_id)
             if row is None:
                 raise NotFound(
                     f"no reservation {reservation_id}", reason=Reason.RESERVATION_NOT_FOUND
                 )
-            if row.client_id != client_id:
+            if client_id is not None and row.client_id != client_id:
                 raise PermissionDenied(f"reservation {reservation_id} belongs to another client")
+            if ended_is_error and row.state != ReservationState.ACTIVE:
+                raise ReservationEnded(_ended_text(row))
         return [rows[r] for r in reservation_ids if rows[r].state == ReservationState.ACTIVE]
-
-    async def _let_go(
-        self,
-        conn: AsyncConnection,
-        targets: dict[str, list[str]],
-        reason: EndReason,
-        loaded: dict[str, ReservationRow] | None = None,
-    ) -> ReleaseOutcome:
-        """Release the given devices of each reservation; end the ones left holding nothing.
-        `loaded` are rows this transaction already read and locked."""
-        now = self.clock.now()
-        released: list[str] = []
-        ended: list[str] = []
-        rows = dict(loaded or {})
-        missing = sorted(set(targets) - set(rows))
-        rows.update((r.id, r) for r in await q.get_reservations(conn, missing, lock=True))
-        for row in (rows[r] for r in sorted(targets) if r in rows):
-            if row.state != ReservationState.ACTIVE:
-                continue
-            held = {d.id: d for d in row.devices if d.released_reason is None}
-            letting_go = [d for d in dict.fromkeys(targets[row.id]) if d in held]
-            if not letting_go:
-                continue
-            await q.mark_devices_released(conn, row.id, letting_go, reason.value, now)
-            moves: dict[DeviceState, list[str]] = defaultdict(list)
-            for device_id in letting_go:
-                device = held[device_id]
-                current = DeviceState(device.state)
-                target = state_after_release(current, reset_on_release=device.reset_on_release)
-                moves[target].append(device_id)
-            await q.free_devices(conn, moves, now)
-            released.extend(letting_go)
-            closed = len(letting_go) == len(held)
-            if closed:
-                await q.end_reservation(conn, row.id, reason.value, now)
-                ended.append(row.id)
-                log.debug("reservation ended", reservation=row.id, reason=reason.value)
-            letting_go_rows = [held[d] for d in letting_go]
-            await reservation_log.record_release(conn, row, letting_go_rows, reason, closed, now)
-        return ReleaseOutcome(released, ended)
 
     async def end_reservations(
         self,
@@ -389,21 +291,21 @@ class ReservationEngine(WaitingLine):
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         if not (device_ids or reservation_ids or client_id):
             raise InvalidArgument("device_ids", "name devices, reservations or a client")
-        async with self.db.write() as conn:
+        async with self.db.write() as tx:
             outcome = await self.end_reservations_in(
-                conn,
+                tx,
                 device_ids=device_ids,
                 reservation_ids=reservation_ids,
                 client_id=client_id,
                 reason=reason,
                 still_due=still_due,
             )
-            await self._serve_if_queued(conn, self.clock.now())
+            await self.queue.serve_if_queued(tx, self.clock.now())
         return outcome
 
     async def end_reservations_in(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         *,
         device_ids: Sequence[str] = (),
         reservation_ids: Sequence[str] = (),
@@ -415,7 +317,7 @@ class ReservationEngine(WaitingLine):
         ending commit together. The queue is not served here: the caller calls
         `serve_waiters()` after its commit when `device_ids` of the outcome is not empty."""
         targets: dict[str, list[str]] = defaultdict(list)
-        found = await q.get_reservations(conn, reservation_ids, lock=True)
+        found = await q.get_reservations(tx, reservation_ids, lock=True)
         missing = set(reservation_ids) - {r.id for r in found}
         if missing:
             raise NotFound(
@@ -423,21 +325,17 @@ class ReservationEngine(WaitingLine):
             )
         rows = {r.id: r for r in found}
         if client_id:
-            ids = await q.active_reservation_ids(conn, client_id=client_id)
-            rows.update((r.id, r) for r in await q.get_reservations(conn, ids, lock=True))
+            ids = await q.active_reservation_ids(tx, client_id=client_id)
+            rows.update((r.id, r) for r in await q.get_reservations(tx, ids, lock=True))
         if device_ids:
-            unknown = set(device_ids) - await q.existing_device_ids(conn, device_ids)
+            unknown = set(device_ids) - await q.existing_device_ids(tx, device_ids)
             if unknown:
-                raise NotFound(
-                    f"no device {sorted(unknown)[0]!r}", reason=Reason.DEVICE_NOT_FOUND
-                )
-            holding = await q.active_reservation_ids(conn, device_ids=device_ids)
-            rows.update(
-                (r.id, r)
-                for r in await q.get_reservations(conn, sorted(set(holding) - set(rows)), lock=True)
-            )
+                raise NotFound(f"no device {sorted(unknown)[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
+            holding = await q.active_reservation_ids(tx, device_ids=device_ids)
+            locked = await q.get_reservations(tx, sorted(set(holding) - set(rows)), lock=True)
+            rows.update((r.id, r) for r in locked)
         if still_due is not None:
-            keep = await still_due(conn, sorted(rows))
+            keep = await still_due(tx, sorted(rows))
             rows = {rid: row for rid, row in rows.items() if rid in keep}
         wanted = set(device_ids)
         for row in rows.values():
@@ -446,18 +344,18 @@ class ReservationEngine(WaitingLine):
             else:
                 # Locked above: which of the named devices it still holds is read under the lock.
                 targets[row.id].extend(d for d in row.held_device_ids if d in wanted)
-        return await self._let_go(conn, targets, reason, rows)
+        return await self.ledger.let_go(tx, targets, reason, rows)
 
     async def expire_due(self, batch: int = 100) -> list[str]:
         """End every reservation whose lease has run out (any replica may run this)."""
         now = self.clock.now()
-        async with self.db.write() as conn:
-            due = await q.due_reservation_ids(conn, now, batch)
+        async with self.db.write() as tx:
+            due = await q.due_reservation_ids(tx, now, batch)
             if not due:
                 return []
-            rows = await q.get_reservations(conn, due, lock=True)
-            outcome = await self._let_go(
-                conn,
+            rows = await q.get_reservations(tx, due, lock=True)
+            outcome = await self.ledger.let_go(
+                tx,
                 {r.id: r.held_device_ids for r in rows},
                 EndReason.EXPIRED,
                 {r.id: r for r in rows},
@@ -465,16 +363,16 @@ class ReservationEngine(WaitingLine):
             # A reservation holding only devices lost earlier ends here too.
             for row in rows:
                 if row.id not in outcome.ended_reservation_ids and not row.held_device_ids:
-                    await q.end_reservation(conn, row.id, EndReason.EXPIRED.value, now)
-            await self._serve_if_queued(conn, now)
+                    await q.end_reservation(tx, row.id, EndReason.EXPIRED.value, now)
+            await self.queue.serve_if_queued(tx, now)
         return due
 
     async def tidy_waiters(self) -> None:
         """Withdraw queue entries whose caller vanished (past their deadline) and prune old ones."""
         now = self.clock.now()
-        async with self.db.write() as conn:
-            await waiter_q.cancel_expired_waiters(conn, now - timedelta(seconds=5))
-            await waiter_q.prune_finished_waiters(conn, now - timedelta(hours=1))
+        async with self.db.write() as tx:
+            await waiter_q.cancel_expired_waiters(tx, now - timedelta(seconds=5))
+            await waiter_q.prune_finished_waiters(tx, now - timedelta(hours=1))
 
     # ------------------------------------------------------------ extend and list
 
@@ -488,37 +386,35 @@ class ReservationEngine(WaitingLine):
         owner_filter: str = "",
         lease: timedelta | None = None,
     ) -> list[Grant]:
-        """Move lease ends to now + `lease` (never earlier). `client_id` None = operator."""
+        """Move lease ends to now + `lease` (never earlier). `client_id` None = operator.
+        A reservation named that has ended is ReservationEnded (never a silent empty answer)."""
         lease = check_lease("duration", lease, self.timers.default_lease, self.limits)
         reservation_ids = check_ids("reservation_ids", reservation_ids, self.limits)
         device_ids = check_ids("device_ids", device_ids, self.limits)
         if not (reservation_ids or device_ids or everything or owner_filter):
             raise InvalidArgument("reservation_ids", "name reservations, or set all")
-        now = self.clock.now()
-        async with self.db.write() as conn:
-            if client_id is not None:
-                await self._own_reservations(conn, client_id, reservation_ids)
-            else:
-                found = await q.get_reservations(conn, reservation_ids)
-                if len(found) != len(reservation_ids):
-                    raise NotFound("no such reservation", reason=Reason.RESERVATION_NOT_FOUND)
+        async with self.db.write() as tx:
+            now = self.clock.now()
+            await self._own_reservations(tx, client_id, reservation_ids, ended_is_error=True)
             ids: set[str] = set(reservation_ids)
             if everything or owner_filter:
-                ids.update(
-                    await q.active_reservation_ids(conn, client_id=client_id or owner_filter)
-                )
+                ids.update(await q.active_reservation_ids(tx, client_id=client_id or owner_filter))
             if device_ids:
-                ids.update(await q.active_reservation_ids(conn, device_ids=device_ids))
-            rows = await q.get_reservations(conn, sorted(ids), lock=True)
+                known = await q.existing_device_ids(tx, device_ids)
+                unknown = [d for d in device_ids if d not in known]
+                if unknown:
+                    raise NotFound(f"no device {unknown[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
+                ids.update(await q.active_reservation_ids(tx, device_ids=device_ids))
+            rows = await q.get_reservations(tx, sorted(ids), lock=True)
             if client_id is not None and any(r.client_id != client_id for r in rows):
                 raise PermissionDenied("a device named is held by another client")
             active = [r.id for r in rows if r.state == ReservationState.ACTIVE]
-            await q.set_end_time(conn, active, now + lease)
-            updated = await q.get_reservations(conn, active)
+            await q.set_end_time(tx, active, now + lease)
+            updated = await q.get_reservations(tx, active)
             before = {r.id: r.end_time for r in rows}
             for row in updated:
                 if row.end_time != before[row.id]:
-                    await reservation_log.record_extended(conn, row, now)
+                    await reservation_log.record_extended(tx, row, now)
         return [self.grant(r) for r in updated]
 
     async def list_reservations(
@@ -526,9 +422,9 @@ class ReservationEngine(WaitingLine):
     ) -> Page:
         size = paging.page_size(page_size, self.limits)
         before = paging.decode_time_token(page_token)
-        async with self.db.read() as conn:
+        async with self.db.read() as tx:
             rows = await q.list_reservations(
-                conn,
+                tx,
                 client_id=client_id,
                 include_ended=include_ended,
                 limit=size + 1,
@@ -540,5 +436,10 @@ class ReservationEngine(WaitingLine):
 
     async def availability(self, selector_text: str) -> list[str]:
         selector = parse_selector(selector_text)
-        async with self.db.read() as conn:
-            return await q.count_free_devices(conn, None if selector.is_empty else selector)
+        async with self.db.read() as tx:
+            return await q.count_free_devices(tx, None if selector.is_empty else selector)
+
+
+def _ended_text(row: ReservationRow) -> str:
+    when = row.ended_time.isoformat(timespec="seconds") if row.ended_time else "an unknown time"
+    return f"reservation {row.id} ended at {when} ({row.end_reason or 'ENDED'})"

@@ -1,18 +1,22 @@
 """The queue of waiting Reserve calls: rows in `waiters`, served fairly by whichever replica
-frees devices, each caller woken through the topic of its row (a mixin of ReservationEngine,
-kept apart because it is a whole concern of its own)."""
+frees devices, each caller woken through the topic of its row. A collaborator of the
+reservation engine: it plans and serves the queue and runs one caller's wait; it writes
+reservations only through the ledger.
+
+A waiter is either served (its caller gets the reservation) or withdrawn (nothing is held for
+it), never both: planning reads the queue with its rows locked, serving re-checks that the row
+is still queued, and a withdrawal that finds its row served returns that reservation."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
+import uuid
+from collections.abc import Hashable
 from datetime import datetime, timedelta
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain.allocation import Demand, plan_allocation
 from icefarm_control.domain.clock import Clock
-from icefarm_control.domain.errors import NotEnoughDevices
+from icefarm_control.domain.ledger import ReservationLedger
 from icefarm_control.domain.requests import ReserveSpec
 from icefarm_control.domain.selectors import parse_selector
 from icefarm_control.domain.settings import Timers
@@ -21,7 +25,7 @@ from icefarm_control.notifier import Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import waiter_queries as waiter_q
-from icefarm_control.storage.database import Database
+from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.records import (
     DeviceRow,
     ReservationRow,
@@ -40,49 +44,41 @@ def waiter_topic(waiter_id: int) -> str:
 class WaitingLine:
     """Planning the queue, serving it, and one caller's wait in it."""
 
-    db: Database
-    clock: Clock
-    timers: Timers
-    notifier: Notifier
-    # Queue entries whose Reserve call is waiting in this process, and the give-backs of
-    # callers that went away.
-    _waiting: set[int]
-    _abandoning: set[asyncio.Task[None]]
-
-    # Provided by ReservationEngine.
-    async def _create(
+    def __init__(
         self,
-        conn: AsyncConnection,
-        client_id: str,
-        spec: ReserveSpec,
-        taken: Sequence[ReservedDeviceRow],
-        now: datetime,
-    ) -> ReservationRow:
-        raise NotImplementedError
+        database: Database,
+        ledger: ReservationLedger,
+        clock: Clock,
+        timers: Timers,
+        notifier: Notifier,
+        replica_id: str,
+    ) -> None:
+        self.db = database
+        self.ledger = ledger
+        self.clock = clock
+        self.timers = timers
+        self.notifier = notifier
+        self.replica_id = replica_id
+        # Queue entries whose Reserve call is waiting in this process, and the give-backs of
+        # callers that went away.
+        self._waiting: set[int] = set()
+        self._abandoning: set[asyncio.Task[None]] = set()
 
-    async def _let_go(
-        self,
-        conn: AsyncConnection,
-        targets: dict[str, list[str]],
-        reason: EndReason,
-        loaded: dict[str, ReservationRow] | None = None,
-    ) -> object:
-        raise NotImplementedError
+    # ------------------------------------------------------------ planning and serving
 
-    def _shortage(self, spec: ReserveSpec) -> str:
-        raise NotImplementedError
-
-    async def _allocate(
-        self, conn: AsyncConnection, now: datetime, extra: Demand | None = None
+    async def allocate(
+        self, tx: Transaction, now: datetime, extra: Demand | None = None
     ) -> list[ReservedDeviceRow] | None:
-        """The slow path: plan the whole queue (plus `extra` at its tail) over every free device,
-        serve the queued requests that can be served, and return what `extra` gets."""
-        await q.lock_allocation(conn)
-        free = await q.lock_free_devices(conn)
-        queue = [w for w in await waiter_q.waiting(conn) if w.deadline > now]
-        if not free or (not queue and extra is None):
+        """Plan the whole queue (plus `extra` at its tail) over every free device, serve the
+        queued requests that can be served, and return what `extra` gets."""
+        await q.lock_allocation(tx)
+        free = await q.lock_free_devices(tx)
+        if not free:
             return None
-        demands: list[Demand] = [self._demand(w) for w in queue]
+        queue = [w for w in await waiter_q.waiting(tx, lock=True) if w.deadline > now]
+        if not queue and extra is None:
+            return None
+        demands: list[Demand] = [_demand(w) for w in queue]
         if extra is not None:
             demands.append(extra)
         plan = plan_allocation(demands, free)
@@ -90,23 +86,22 @@ class WaitingLine:
         for waiter in queue:
             ids = plan.get(waiter.id)
             if ids:
-                await self._serve(conn, waiter, [as_reserved(by_id[i]) for i in ids], now)
+                await self._serve(tx, waiter, [as_reserved(by_id[i]) for i in ids], now)
         mine = plan.get(NEW_REQUEST)
         return None if mine is None else [as_reserved(by_id[i]) for i in mine]
 
-    @staticmethod
-    def _demand(waiter: WaiterRow) -> Demand:
-        selector = parse_selector(waiter.selector) if waiter.selector else None
-        key: Hashable = waiter.id
-        return Demand(key, waiter.count, waiter.device_ids, selector)
-
     async def _serve(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         waiter: WaiterRow,
         taken: list[ReservedDeviceRow],
         now: datetime,
     ) -> None:
+        reservation_id = uuid.uuid4().hex
+        # Claimed first: a row withdrawn since it was read (impossible while the queue is read
+        # locked, but cheap to make certain) is not served.
+        if not await waiter_q.mark_waiter_served(tx, waiter.id, reservation_id):
+            return
         spec = ReserveSpec(
             count=waiter.count,
             device_ids=waiter.device_ids,
@@ -118,32 +113,53 @@ class WaitingLine:
             request_id=waiter.request_id,
             selector_text=waiter.selector,
         )
-        reservation = await self._create(conn, waiter.client_id, spec, taken, now)
-        await waiter_q.mark_waiter_served(conn, waiter.id, reservation.id)
-        outbox.touch(conn, waiter_topic(waiter.id))
+        await self.ledger.create(tx, waiter.client_id, spec, taken, now, reservation_id)
+        outbox.touch(tx, waiter_topic(waiter.id))
 
     async def serve_waiters(self) -> None:
-        """Give newly free devices to the queue (called when devices become AVAILABLE)."""
-        async with self.db.write() as conn:
-            await self._serve_if_queued(conn, self.clock.now())
+        """Give free devices to the queue (after devices became AVAILABLE or holds ended)."""
+        async with self.db.write() as tx:
+            await self.serve_if_queued(tx, self.clock.now())
 
-    async def _serve_if_queued(self, conn: AsyncConnection, now: datetime) -> None:
-        if await waiter_q.has_waiters(conn):
-            await self._allocate(conn, now)
+    async def serve_if_queued(self, tx: Transaction, now: datetime) -> None:
+        if await waiter_q.has_waiters(tx):
+            await self.allocate(tx, now)
 
-    async def _wait(self, waiter_id: int, spec: ReserveSpec, deadline: datetime) -> ReservationRow:
-        """Wait for our queue entry to be served; withdraw it on timeout or cancellation.
-        Whichever replica serves it wakes us through the notifier; we also re-read our entry
-        now and then, so a lost wake-up only costs a little time."""
+    # ------------------------------------------------------------ one caller's wait
+
+    async def enqueue(self, tx: Transaction, client_id: str, spec: ReserveSpec) -> int:
+        now = self.clock.now()
+        waiter_id = await waiter_q.insert_waiter(
+            tx,
+            client_id=client_id,
+            count=spec.count,
+            device_ids=spec.device_ids,
+            selector=spec.selector_text,
+            mode=spec.mode,
+            mode_args=spec.mode_args,
+            lease_seconds=spec.lease.total_seconds(),
+            request_id=spec.request_id,
+            now=now,
+            deadline=now + spec.wait,
+            replica_id=self.replica_id,
+        )
+        self._waiting.add(waiter_id)
+        return waiter_id
+
+    async def wait(self, waiter_id: int, deadline: datetime) -> ReservationRow | None:
+        """Wait for our queue entry to be served; withdraw it on timeout (None: nothing is
+        held) or cancellation (what the queue handed us meanwhile is given back). Whichever
+        replica serves it wakes us through the notifier; we also re-read our entry now and
+        then, so a lost wake-up only costs a little time."""
         try:
             with self.notifier.subscribe(waiter_topic(waiter_id)) as subscription:
                 while True:
-                    async with self.db.read() as conn:
-                        waiter = await waiter_q.get_waiter(conn, waiter_id)
+                    async with self.db.read() as tx:
+                        waiter = await waiter_q.get_waiter(tx, waiter_id)
                     if waiter is not None and waiter.reservation_id is not None:
                         return await self._served_reservation(waiter.reservation_id)
                     if waiter is None or waiter.state == waiter_q.CANCELLED:
-                        raise NotEnoughDevices(self._shortage(spec), waited=True)
+                        return None
                     remaining = (deadline - self.clock.now()).total_seconds()
                     if remaining <= 0:
                         break
@@ -151,10 +167,9 @@ class WaitingLine:
                     await subscription.wait(min(remaining, poll))
             reservation_id = await self._withdraw(waiter_id)
             if reservation_id is None:
-                raise NotEnoughDevices(self._shortage(spec), waited=True)
+                return None
             return await self._served_reservation(reservation_id)
         except asyncio.CancelledError:
-            # The caller went away: give back whatever the queue handed it meanwhile.
             task = asyncio.ensure_future(self._abandon(waiter_id))
             self._abandoning.add(task)
             task.add_done_callback(self._abandoning.discard)
@@ -172,27 +187,36 @@ class WaitingLine:
 
     async def _withdraw(self, waiter_id: int) -> str | None:
         """Leave the queue; the reservation id if we were served in the meantime."""
-        async with self.db.write() as conn:
-            if await waiter_q.cancel_waiter(conn, waiter_id):
+        async with self.db.write() as tx:
+            if await waiter_q.cancel_waiter(tx, waiter_id):
                 return None
-            waiter = await waiter_q.get_waiter(conn, waiter_id)
+            waiter = await waiter_q.get_waiter(tx, waiter_id)
         return waiter.reservation_id if waiter else None
 
     async def _abandon(self, waiter_id: int) -> None:
-        reservation_id = await self._withdraw(waiter_id)
-        if reservation_id is None:
-            return
-        async with self.db.write() as conn:
-            (row,) = await q.get_reservations(conn, [reservation_id], lock=True)
-            await self._let_go(
-                conn, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST, {row.id: row}
+        """The caller went away: withdraw, and give back a reservation served meanwhile."""
+        async with self.db.write() as tx:
+            if await waiter_q.cancel_waiter(tx, waiter_id):
+                return
+            waiter = await waiter_q.get_waiter(tx, waiter_id)
+            if waiter is None or waiter.reservation_id is None:
+                return
+            (row,) = await q.get_reservations(tx, [waiter.reservation_id], lock=True)
+            await self.ledger.let_go(
+                tx, {row.id: row.held_device_ids}, EndReason.CLIENT_LOST, {row.id: row}
             )
-            await self._serve_if_queued(conn, self.clock.now())
+            await self.serve_if_queued(tx, self.clock.now())
 
     async def _served_reservation(self, reservation_id: str) -> ReservationRow:
-        async with self.db.read() as conn:
-            (row,) = await q.get_reservations(conn, [reservation_id])
+        async with self.db.read() as tx:
+            (row,) = await q.get_reservations(tx, [reservation_id])
         return row
+
+
+def _demand(waiter: WaiterRow) -> Demand:
+    selector = parse_selector(waiter.selector) if waiter.selector else None
+    key: Hashable = waiter.id
+    return Demand(key, waiter.count, waiter.device_ids, selector)
 
 
 def as_reserved(device: DeviceRow) -> ReservedDeviceRow:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from icefarm_control.storage.outbox import take_touched
 
 WRITE_OPTION = "icefarm_write"
+# Storage's handle on an open transaction. The domain passes it to storage functions and
+# never uses it itself; only this package opens, commits and rolls back transactions.
+Transaction = AsyncConnection
+# Reserve/Release statements one replica runs on PostgreSQL at once (config: db_concurrency):
+# past a few at once PostgreSQL on a small machine gets slower, not faster.
+DEFAULT_DB_CONCURRENCY = 3 * (os.cpu_count() or 2)
 
 
 def default_database_url() -> str:
@@ -47,10 +54,19 @@ class Database:
     row locks taken explicitly by the statements that need them (FOR UPDATE SKIP LOCKED).
     """
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        echo: bool = False,
+        concurrency: int = DEFAULT_DB_CONCURRENCY,
+    ) -> None:
         self.url = normalise_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # The single-statement paths (storage/fast_paths.py) queue here, in arrival order.
+        self.fast_lane = asyncio.Semaphore(concurrency)
         # Set by the app: wakes this process's readers of the topics a transaction touched.
         self.on_commit: Callable[[set[str]], None] | None = None
         kwargs: dict[str, Any] = {"echo": echo}

@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain.events import CommandType, EventType, iso
@@ -51,6 +52,7 @@ from icefarm_control.domain.states import (
     state_after_release,
 )
 from icefarm_control.storage import outbox
+from icefarm_control.storage.database import Database
 from icefarm_control.storage.models import (
     JsonDocument,
     UtcDateTime,
@@ -67,6 +69,7 @@ from icefarm_control.storage.models import (
 from icefarm_control.storage.outbox import DEVICES, OPERATOR
 from icefarm_control.storage.records import ReservedDeviceRow
 from icefarm_control.storage.selector_sql import selector_clause
+from icefarm_control.storage.sequencer import UNSEQUENCED
 
 WAITING = "WAITING"
 
@@ -442,3 +445,63 @@ async def release_in_one_statement(
     if row.ended != 1:
         return None
     return Released(sorted(row.freed or []), list(row.workers or []), bool(row.queued))
+
+
+# ---------------------------------------------------------------- the choice of path
+
+
+async def try_reserve(
+    db: Database,
+    *,
+    reservation_id: str,
+    client_id: str,
+    mode: str,
+    mode_args: dict[str, str],
+    selector_text: str,
+    count: int,
+    device_ids: Sequence[str],
+    now: datetime,
+    end_time: datetime,
+    request_id: str | None,
+) -> list[ReservedDeviceRow] | None:
+    """The devices taken by the one-statement reserve; None (nothing changed) where there is
+    no such path (SQLite) or it cannot answer: the engine then takes the general path."""
+    if not db.is_postgresql:
+        return None
+    try:
+        async with db.fast_lane, db.autocommit() as conn:
+            taken = await reserve_in_one_statement(
+                conn,
+                reservation_id=reservation_id,
+                client_id=client_id,
+                mode=mode,
+                mode_args=mode_args,
+                selector_text=selector_text,
+                count=count,
+                device_ids=device_ids,
+                now=now,
+                end_time=end_time,
+                request_id=request_id,
+            )
+    except IntegrityError:
+        return None  # a retried request_id: the general path returns the first answer
+    if taken is not None:
+        db.published({UNSEQUENCED} | {outbox.worker_topic(d.worker) for d in taken})
+    return taken
+
+
+async def try_release(
+    db: Database, *, client_id: str, reservation_id: str, reason: str, now: datetime
+) -> Released | None:
+    """The one-statement release of a whole reservation of the caller's; None where there is
+    no such path or it cannot answer (the general path gives the precise answer)."""
+    if not db.is_postgresql:
+        return None
+    async with db.fast_lane, db.autocommit() as conn:
+        released = await release_in_one_statement(
+            conn, client_id=client_id, reservation_id=reservation_id, reason=reason, now=now
+        )
+    if released is not None:
+        topics = {outbox.client_audience(client_id), UNSEQUENCED, outbox.DEVICES}
+        db.published(topics | {outbox.worker_topic(w) for w in released.workers})
+    return released

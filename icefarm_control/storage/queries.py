@@ -156,8 +156,14 @@ def device_row(row: Any) -> DeviceRow:
     )
 
 
-async def get_device(conn: AsyncConnection, device_id: str) -> DeviceRow | None:
-    row = (await conn.execute(device_select().where(devices.c.id == device_id))).first()
+async def get_device(
+    conn: AsyncConnection, device_id: str, *, lock: bool = False
+) -> DeviceRow | None:
+    """One device; `lock`: its row stays locked until the transaction ends."""
+    query = device_select().where(devices.c.id == device_id)
+    if lock:
+        query = query.with_for_update(of=devices)
+    row = (await conn.execute(query)).first()
     return device_row(row) if row else None
 
 
@@ -320,6 +326,18 @@ async def count_free_devices(conn: AsyncConnection, selector: Selector | None) -
     if selector is not None and not selector.is_empty:
         query = query.where(selector_clause(selector))
     return [r.id for r in await conn.execute(query)]
+
+
+async def count_matching_devices(conn: AsyncConnection, selector: Selector | None) -> int:
+    """Devices in the farm (any state but REMOVED) that match: what a request could ever get."""
+    query = (
+        select(func.count())
+        .select_from(devices.join(workers, workers.c.name == devices.c.worker_name))
+        .where(devices.c.state != DeviceState.REMOVED.value)
+    )
+    if selector is not None and not selector.is_empty:
+        query = query.where(selector_clause(selector))
+    return int((await conn.execute(query)).scalar_one())
 
 
 # ---------------------------------------------------------------- reservations

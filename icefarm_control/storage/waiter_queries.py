@@ -59,9 +59,13 @@ async def insert_waiter(
     return waiter_id
 
 
-async def waiting(conn: AsyncConnection) -> list[WaiterRow]:
-    """The queue, in arrival order."""
+async def waiting(conn: AsyncConnection, *, lock: bool = False) -> list[WaiterRow]:
+    """The queue, in arrival order. `lock`: the rows stay locked until the transaction ends,
+    so a caller withdrawing its request waits for the plan being made (and is then found
+    served), or was first (and its row is no longer in the queue read here)."""
     query = select(waiters).where(waiters.c.state == WAITING).order_by(waiters.c.id)
+    if lock:
+        query = query.with_for_update()
     return [WaiterRow.from_mapping(r) for r in await conn.execute(query)]
 
 
@@ -70,12 +74,14 @@ async def get_waiter(conn: AsyncConnection, waiter_id: int) -> WaiterRow | None:
     return WaiterRow.from_mapping(row) if row else None
 
 
-async def mark_waiter_served(conn: AsyncConnection, waiter_id: int, reservation_id: str) -> None:
-    await conn.execute(
+async def mark_waiter_served(conn: AsyncConnection, waiter_id: int, reservation_id: str) -> bool:
+    """Serve a waiter still queued; False (nothing written) when it was withdrawn already."""
+    result = await conn.execute(
         update(waiters)
-        .where(waiters.c.id == waiter_id)
+        .where(waiters.c.id == waiter_id, waiters.c.state == WAITING)
         .values(state=SERVED, reservation_id=reservation_id)
     )
+    return result.rowcount == 1
 
 
 async def cancel_waiter(conn: AsyncConnection, waiter_id: int) -> bool:

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from icefarm_control.domain.errors import (
-    InvalidArgument,
     NotEnoughDevices,
     NotFound,
     PermissionDenied,
@@ -124,13 +123,13 @@ async def test_reserve_explicit_devices(database: Database, engine: ReservationE
     assert await held_by(database, ids[1]) is None
 
 
-async def test_unknown_device_id_is_invalid_and_writes_nothing(
+async def test_unknown_device_id_is_not_found_and_writes_nothing(
     database: Database, engine: ReservationEngine
 ) -> None:
     ids = await seed_farm(database, boards_per_worker=1)
-    with pytest.raises(InvalidArgument) as caught:
+    with pytest.raises(NotFound) as caught:
         await engine.reserve("alice", spec(device_ids=(ids[0], "nope")))
-    assert caught.value.field == "device_ids"
+    assert caught.value.reason == Reason.DEVICE_NOT_FOUND
     assert await held_by(database, ids[0]) is None
 
 
