@@ -44,6 +44,7 @@ class ReservationServicer(pb_grpc.ReservationServiceServicer):
             request_id=request.request_id,
             default_lease=self.engine.timers.default_lease,
             limits=self.engine.limits,
+            wait_for_new_devices=request.wait_for_new_devices,
         )
         grant = await self.engine.reserve(caller.client_id, spec)
         return pb.ReserveResponse(
