@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,8 @@ from sqlalchemy import select
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2
+from icefarm_control.domain.clients import ClientSessions
+from icefarm_control.storage.client_queries import SessionKey
 from icefarm_control.storage.models import client_sessions
 from icefarm_control.storage.testing import seed_farm
 from tests.grpc_errors import bad_fields_of, reason_of
@@ -534,3 +536,38 @@ async def test_the_client_grace_keeps_reservations_while_one_instance_is_live(
         return row.end_reason == types_pb2.END_REASON_CLIENT_LOST
 
     await eventually(kept_lost, what="alice's reservation to be lost")
+
+
+class _Later:
+    """The control's clock, moved `ahead` into the future."""
+
+    def __init__(self, ahead: timedelta) -> None:
+        self.ahead = ahead
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.ahead
+
+
+async def test_pruning_drops_old_session_rows_and_keeps_the_live_ones(
+    control: RunningControl,
+) -> None:
+    await seed_farm(control.database, boards_per_worker=1)
+    gone = await open_instance(control, "alice", "gone")
+    gone.close()
+
+    async def disconnected() -> bool:
+        row = await instance_row(control, "alice", "gone")
+        return row is not None and row.disconnect_time is not None  # type: ignore[attr-defined]
+
+    await eventually(disconnected, what="the disconnect to be recorded")
+    live = await open_instance(control, "alice", "live")
+    # Two days on, with the live Session refreshed by its replica all along.
+    later = ClientSessions(control.app.engine)
+    later.clock = _Later(timedelta(days=2))
+    await later.refresh([SessionKey("alice", "live")])
+    await later.prune_events()
+    assert await instance_row(control, "alice", "gone") is None
+    assert await instance_row(control, "alice", "live") is not None
+    released = await cycle(control, "alice")
+    assert (await live.next_event()).reservation_ended.reservation_id == released
+    live.close()
