@@ -61,12 +61,15 @@ class Database:
         pool_size: int = 10,
         echo: bool = False,
         concurrency: int = DEFAULT_DB_CONCURRENCY,
+        single_statement_paths: bool = True,
     ) -> None:
         self.url = normalise_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # The single-statement paths (storage/fast_paths.py) queue here, in arrival order.
         self.fast_lane = asyncio.Semaphore(concurrency)
+        # PostgreSQL only; off = every call takes the general path (the agreement test).
+        self.single_statement_paths = single_statement_paths and self.dialect == "postgresql"
         # Set by the app: wakes this process's readers of the topics a transaction touched.
         self.on_commit: Callable[[set[str]], None] | None = None
         kwargs: dict[str, Any] = {"echo": echo}

@@ -466,7 +466,7 @@ async def try_reserve(
 ) -> list[ReservedDeviceRow] | None:
     """The devices taken by the one-statement reserve; None (nothing changed) where there is
     no such path (SQLite) or it cannot answer: the engine then takes the general path."""
-    if not db.is_postgresql:
+    if not db.single_statement_paths:
         return None
     try:
         async with db.fast_lane, db.autocommit() as conn:
@@ -495,7 +495,7 @@ async def try_release(
 ) -> Released | None:
     """The one-statement release of a whole reservation of the caller's; None where there is
     no such path or it cannot answer (the general path gives the precise answer)."""
-    if not db.is_postgresql:
+    if not db.single_statement_paths:
         return None
     async with db.fast_lane, db.autocommit() as conn:
         released = await release_in_one_statement(
