@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
@@ -23,6 +25,13 @@ from icefarm_client.session import SessionFeed
 
 log = structlog.get_logger(__name__)
 EventCallback = Callable[[Event], Awaitable[None] | None]
+# What the control accepts as a Session instance.
+_INSTANCE = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def new_session_instance() -> str:
+    """A random name for one Client object's Session (8 hex characters)."""
+    return secrets.token_hex(4)
 
 
 class AsyncClient(OperatorCalls):
@@ -30,7 +39,11 @@ class AsyncClient(OperatorCalls):
 
     Connection settings come from the arguments, else `ICEFARM_CONTROL`, `ICEFARM_TOKEN`,
     `ICEFARM_CLIENT_ID` and `ICEFARM_TLS*`, else plaintext to 127.0.0.1:50051 as user@host.
-    Use it as `async with AsyncClient() as client:` (or call `close()`)."""
+    Use it as `async with AsyncClient() as client:` (or call `close()`).
+
+    Reservations belong to the client id; the Session (liveness and events) belongs to this
+    object, named by `session_instance` (random unless given), so several Clients of one user
+    run side by side without replacing each other's Session."""
 
     def __init__(
         self,
@@ -46,7 +59,10 @@ class AsyncClient(OperatorCalls):
         timeout: float | None = None,
         settings: Settings | None = None,
         channel: grpc.aio.Channel | grpc.Channel | None = None,
+        session_instance: str | None = None,
     ) -> None:
+        if session_instance is not None and not _INSTANCE.fullmatch(session_instance):
+            raise ValueError("session_instance must be 1-64 printable ASCII characters")
         settings = settings or Settings.resolve(
             control,
             client_id=client_id,
@@ -62,7 +78,11 @@ class AsyncClient(OperatorCalls):
         self._callbacks: dict[EventType | None, list[EventCallback]] = {}
         self._subscribers: list[asyncio.Queue[Event]] = []
         self._pending: set[asyncio.Task[None]] = set()
-        self.session = SessionFeed(settings, self._channel, self._deliver)
+        # Kept for the life of this object, across reconnects, so its resume point holds.
+        self.session_instance = session_instance or new_session_instance()
+        self.session = SessionFeed(
+            settings, self._channel, self._deliver, instance=self.session_instance
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -7,6 +7,9 @@ status code and the `google.rpc.ErrorInfo` reason the servers attach (the names 
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from datetime import timedelta
 from typing import Any, Literal
 
 import grpc
@@ -17,6 +20,8 @@ Source = Literal["control", "worker"]
 
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_INCIDENT = re.compile(r"incident ([0-9A-Za-z-]+)")
 
 
 class IcefarmError(Exception):
@@ -31,7 +36,24 @@ class IcefarmError(Exception):
 
 
 class NotEnoughDevices(IcefarmError):
-    """Not enough matching devices were free (and the call did not wait)."""
+    """Not enough matching devices were free (and the call did not wait). When the control
+    says, `wanted` is how many were asked for, `matching` how many devices match the selector
+    in any state, `free` how many of those were free (None when not told)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "",
+        reason: str = "",
+        wanted: int | None = None,
+        matching: int | None = None,
+        free: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
+        self.wanted = wanted
+        self.matching = matching
+        self.free = free
 
 
 class DeadlineExceeded(IcefarmError):
@@ -93,6 +115,37 @@ class DeviceNotAvailable(FailedPrecondition):
     """A device named in a reserve is not free."""
 
 
+class ReservationEnded(FailedPrecondition):
+    """The reservation named has ended (released, expired, revoked ...); the message says
+    when and why. Extending it cannot bring it back: reserve again."""
+
+
+class LimitExceeded(IcefarmError):
+    """A bound on what one caller may have or do was reached. `retry_delay`, when the control
+    says, is how long until it will have passed (None: it will not pass by waiting)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "",
+        reason: str = "",
+        retry_delay: timedelta | None = None,
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
+        self.retry_delay = retry_delay
+
+
+class InternalError(IcefarmError):
+    """The server failed unexpectedly (a bug); `incident` names it in the server's log."""
+
+    def __init__(
+        self, message: str, *, code: str = "", reason: str = "", incident: str = ""
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
+        self.incident = incident
+
+
 class DeviceFailed(IcefarmError):
     """A device failed; or an evaluation has no working device left to run on."""
 
@@ -115,6 +168,7 @@ _BY_REASON: dict[str, type[IcefarmError]] = {
     "UNAUTHENTICATED": Unauthenticated,
     "DEVICE_FAILED": DeviceFailed,
     "DEVICE_NOT_AVAILABLE": DeviceNotAvailable,
+    "RESERVATION_ENDED": ReservationEnded,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[IcefarmError]] = {
@@ -127,26 +181,45 @@ _BY_CODE: dict[grpc.StatusCode, type[IcefarmError]] = {
 }
 
 
-def _details(error: grpc.RpcError) -> tuple[str, str]:
-    """(reason, field) from the status details, empty when absent."""
+@dataclasses.dataclass
+class _Details:
+    """What the google.rpc details of a status say (empty when absent)."""
+
+    reason: str = ""
+    field: str = ""
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    retry_delay: timedelta | None = None
+
+
+def _details(error: grpc.RpcError) -> _Details:
+    found = _Details()
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except (ValueError, AttributeError, TypeError):
-        return "", ""
+        return found
     if status is None:
-        return "", ""
-    reason = field = ""
+        return found
     for detail in status.details:
         if detail.type_url == _ERROR_INFO:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason = info.reason
+            found.reason = info.reason
+            found.metadata = dict(info.metadata)
         elif detail.type_url == _BAD_REQUEST:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             if bad.field_violations:
-                field = bad.field_violations[0].field
-    return reason, field
+                found.field = bad.field_violations[0].field
+        elif detail.type_url == _RETRY_INFO:
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            found.retry_delay = retry.retry_delay.ToTimedelta()
+    return found
+
+
+def _count(metadata: dict[str, str], key: str) -> int | None:
+    value = metadata.get(key, "")
+    return int(value) if value.isdigit() else None
 
 
 def _position(message: str) -> int:
@@ -175,8 +248,8 @@ def _status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 def translate(error: grpc.RpcError, source: Source = "control") -> IcefarmError:
     """The client exception for a failed gRPC call to the control or to a worker."""
     code, message = _status_of(error)
-    reason, field = _details(error)
-    name = code.name
+    details = _details(error)
+    reason, name = details.reason, code.name
     where = "the control" if source == "control" else "a worker"
     if code is grpc.StatusCode.UNAVAILABLE:
         text = f"{where} is unavailable: {message}" if message else f"{where} is unavailable"
@@ -184,14 +257,24 @@ def translate(error: grpc.RpcError, source: Source = "control") -> IcefarmError:
             return ControlUnavailable(text, code=name, reason=reason)
         return WorkerUnavailable(text, code=name, reason=reason)
     if reason == "NOT_ENOUGH_DEVICES":
+        counts = {key: _count(details.metadata, key) for key in ("wanted", "matching", "free")}
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return WaitTimeout(message, code=name, reason=reason)
-        return NotEnoughDevices(message, code=name, reason=reason)
+            return WaitTimeout(message, code=name, reason=reason, **counts)
+        return NotEnoughDevices(message, code=name, reason=reason, **counts)
     if reason == "INVALID_SELECTOR":
         return InvalidSelector(
-            message, field=field or "selector", position=_position(message), code=name
+            message, field=details.field or "selector", position=_position(message), code=name
         )
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return InvalidArgument(message, field=field, code=name, reason=reason)
+        return InvalidArgument(message, field=details.field, code=name, reason=reason)
+    if reason == "LIMIT_EXCEEDED":
+        return LimitExceeded(
+            message or name, code=name, reason=reason, retry_delay=details.retry_delay
+        )
+    if reason == "INTERNAL" or code is grpc.StatusCode.INTERNAL:
+        incident = details.metadata.get("incident", "")
+        if not incident and (match := _INCIDENT.search(message)):
+            incident = match.group(1)
+        return InternalError(message or name, code=name, reason=reason, incident=incident)
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, IcefarmError)
     return cls(message or name, code=name, reason=reason)

@@ -1,8 +1,10 @@
 """The client's Session stream: liveness for the control and the feed of the client's events.
 
-One stream per client. It is reopened whenever it breaks (the control restarted, a replica went
-away) with `resume_after` = the last sequence seen, so no event is lost or seen twice; the
-watched selectors are sent again on every new stream.
+One stream per Client object, named by its own `instance` (so two experiments of one user, each
+with its own Client, never replace each other's Session; their reservations still belong to
+the one client id). It is reopened whenever it breaks (the control restarted, a replica went
+away) under the same instance with `resume_after` = the last sequence seen, so no event is lost
+or seen twice; the watched selectors are sent again on every new stream.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ class SessionFeed:
     """Keeps the Session open and hands each event to `deliver`, in order, once."""
 
     def __init__(
-        self, settings: Settings, channel: grpc.aio.Channel, deliver: Callable[[Event], None]
+        self,
+        settings: Settings,
+        channel: grpc.aio.Channel,
+        deliver: Callable[[Event], None],
+        instance: str = "",
     ) -> None:
         self.settings = settings
+        self.instance = instance
         self._stub = rpb_grpc.ReservationServiceStub(channel)
         self._deliver = deliver
         self.last_sequence = 0
@@ -123,7 +130,11 @@ class SessionFeed:
 
     async def _once(self) -> None:
         queue: asyncio.Queue[rpb.SessionRequest | None] = asyncio.Queue()
-        queue.put_nowait(rpb.SessionRequest(hello=rpb.Hello(resume_after=self.last_sequence)))
+        queue.put_nowait(
+            rpb.SessionRequest(
+                hello=rpb.Hello(resume_after=self.last_sequence, instance=self.instance)
+            )
+        )
         for selector, count in self._watches.items():
             queue.put_nowait(
                 rpb.SessionRequest(watch=rpb.WatchAvailability(selector=selector, count=count))

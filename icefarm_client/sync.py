@@ -176,6 +176,7 @@ class Client:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        session_instance: str | None = None,
     ) -> None:
         self._runner = _LoopThread()
 
@@ -191,9 +192,14 @@ class Client:
                 retry=retry,
                 timeout=timeout,
                 channel=channel,
+                session_instance=session_instance,
             )
 
-        self.aio = self._runner.run(build())
+        try:
+            self.aio = self._runner.run(build())
+        except BaseException:
+            self._runner.stop()
+            raise
 
     def __enter__(self) -> Client:
         return self
@@ -209,8 +215,13 @@ class Client:
 
     @property
     def client_id(self) -> str:
-        """The identity this client acts as."""
+        """The identity this client acts as (the owner of its reservations)."""
         return self.aio.client_id
+
+    @property
+    def session_instance(self) -> str:
+        """The name of this Client's own Session (one per Client object)."""
+        return self.aio.session_instance
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coroutine)

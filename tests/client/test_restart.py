@@ -3,7 +3,9 @@ experiment goes on without losing a result or its reservation."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import icefarm_client as ic
 from icefarm_worker.simulator.firmware import expected_pulse_count
@@ -14,6 +16,16 @@ from tests.client.processes import Processes, eventually
 Clients = Callable[..., ic.Client]
 # Liveness timers long enough that the worker is not given up on while the control is down.
 PATIENT = ("--offline-timeout", "20s", "--worker-grace", "60s")
+
+
+def session_generations(database: Path, client_id: str) -> dict[str, int]:
+    """instance → session generation of each session row of the client, read from SQLite."""
+    with sqlite3.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT instance, session_generation FROM client_sessions WHERE client_id = ?",
+            (client_id,),
+        ).fetchall()
+    return {instance: generation for instance, generation in rows}
 
 
 def test_killing_and_restarting_the_control_loses_no_result_and_no_reservation(
@@ -37,6 +49,8 @@ def test_killing_and_restarting_the_control_loses_no_result_and_no_reservation(
                 control = procs.control(database, port, *PATIENT)
         # The Session came back on its own, resuming after the last event it had seen.
         eventually(lambda: session.connections >= 2 and session.connected.is_set(), 30, "resume")
+        # Under the same instance: the control sees the same Session come back.
+        assert session_generations(database, "alice") == {alice.session_instance: 2}
         assert [r.id for r in alice.reservations()] == [farm.id]
         before = session.last_sequence
         farm.extend()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Iterator
+from datetime import timedelta
 
 import grpc
 import grpc_testing  # type: ignore[import-untyped]
@@ -34,7 +35,7 @@ BY_CODE: dict[grpc.StatusCode, type[ic.IcefarmError]] = {
     grpc.StatusCode.ABORTED: ic.IcefarmError,
     grpc.StatusCode.OUT_OF_RANGE: ic.InvalidArgument,
     grpc.StatusCode.UNIMPLEMENTED: ic.IcefarmError,
-    grpc.StatusCode.INTERNAL: ic.IcefarmError,
+    grpc.StatusCode.INTERNAL: ic.InternalError,
     grpc.StatusCode.UNAVAILABLE: ic.ControlUnavailable,
     grpc.StatusCode.DATA_LOSS: ic.IcefarmError,
     grpc.StatusCode.UNAUTHENTICATED: ic.Unauthenticated,
@@ -60,6 +61,9 @@ BY_REASON: dict[str, tuple[grpc.StatusCode, type[ic.IcefarmError]]] = {
     "DEVICE_FAILED": (grpc.StatusCode.FAILED_PRECONDITION, ic.DeviceFailed),
     "SHUTTING_DOWN": (grpc.StatusCode.UNAVAILABLE, ic.ControlUnavailable),
     "CONFLICT": (grpc.StatusCode.ABORTED, ic.IcefarmError),
+    "RESERVATION_ENDED": (grpc.StatusCode.FAILED_PRECONDITION, ic.ReservationEnded),
+    "LIMIT_EXCEEDED": (grpc.StatusCode.RESOURCE_EXHAUSTED, ic.LimitExceeded),
+    "INTERNAL": (grpc.StatusCode.INTERNAL, ic.InternalError),
 }
 
 
@@ -79,13 +83,24 @@ def fail_with(
     message: str,
     reason: str = "",
     field: str = "",
+    metadata: dict[str, str] | None = None,
+    retry_delay: timedelta | None = None,
 ) -> ic.IcefarmError:
     """Call GetAvailability, answer it with the status, return what the client raised."""
     client, channel = scripted
     details = []
     if reason:
         packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="icefarm.dev"))
+        info = error_details_pb2.ErrorInfo(
+            reason=reason, domain="icefarm.dev", metadata=metadata or {}
+        )
+        packed.Pack(info)
+        details.append(packed)
+    if retry_delay is not None:
+        packed = any_pb2.Any()
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(retry_delay)
+        packed.Pack(retry)
         details.append(packed)
     if field:
         packed = any_pb2.Any()
@@ -194,5 +209,77 @@ def test_other_codes_are_not_retried(scripted: tuple[ic.Client, grpc_testing.Cha
     retry = ic.RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
     client.aio.settings = ic.Settings(client_id="tester", retry=retry)
     error = fail_with(scripted, grpc.StatusCode.INTERNAL, "bug (incident abc)", "INTERNAL")
-    assert type(error) is ic.IcefarmError
+    assert type(error) is ic.InternalError
     assert error.reason == "INTERNAL"
+
+
+def test_not_enough_devices_carries_the_counts_the_control_sends(
+    scripted: tuple[ic.Client, grpc_testing.Channel],
+) -> None:
+    counts = {"wanted": "5", "matching": "4", "free": "1"}
+    error = fail_with(
+        scripted, grpc.StatusCode.RESOURCE_EXHAUSTED, "5 wanted", "NOT_ENOUGH_DEVICES", "", counts
+    )
+    assert isinstance(error, ic.NotEnoughDevices)
+    assert (error.wanted, error.matching, error.free) == (5, 4, 1)
+    waited = fail_with(
+        scripted, grpc.StatusCode.DEADLINE_EXCEEDED, "waited", "NOT_ENOUGH_DEVICES", "", counts
+    )
+    assert isinstance(waited, ic.WaitTimeout)
+    assert (waited.wanted, waited.matching, waited.free) == (5, 4, 1)
+
+
+def test_counts_not_sent_are_none(scripted: tuple[ic.Client, grpc_testing.Channel]) -> None:
+    error = fail_with(scripted, grpc.StatusCode.RESOURCE_EXHAUSTED, "no", "NOT_ENOUGH_DEVICES")
+    assert isinstance(error, ic.NotEnoughDevices)
+    assert (error.wanted, error.matching, error.free) == (None, None, None)
+
+
+def test_a_limit_says_when_to_retry_when_the_control_does(
+    scripted: tuple[ic.Client, grpc_testing.Channel],
+) -> None:
+    error = fail_with(
+        scripted,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "at most 64 waiting reserves per client",
+        "LIMIT_EXCEEDED",
+        retry_delay=timedelta(seconds=2.5),
+    )
+    assert isinstance(error, ic.LimitExceeded)
+    assert error.retry_delay == timedelta(seconds=2.5)
+    assert error.code == "RESOURCE_EXHAUSTED"
+    plain = fail_with(scripted, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many", "LIMIT_EXCEEDED")
+    assert isinstance(plain, ic.LimitExceeded)
+    assert plain.retry_delay is None
+
+
+def test_an_ended_reservation_is_a_failed_precondition_of_its_own(
+    scripted: tuple[ic.Client, grpc_testing.Channel],
+) -> None:
+    error = fail_with(
+        scripted,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "reservation r1 ended at 10:00 (released)",
+        "RESERVATION_ENDED",
+    )
+    assert isinstance(error, ic.ReservationEnded)
+    assert isinstance(error, ic.FailedPrecondition)
+    assert "released" in error.message
+
+
+def test_an_internal_error_names_its_incident(
+    scripted: tuple[ic.Client, grpc_testing.Channel],
+) -> None:
+    error = fail_with(
+        scripted,
+        grpc.StatusCode.INTERNAL,
+        "internal error (incident 0123abcd4567 in the control's log)",
+        "INTERNAL",
+    )
+    assert isinstance(error, ic.InternalError)
+    assert error.incident == "0123abcd4567"
+    tagged = fail_with(
+        scripted, grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", "", {"incident": "f00d"}
+    )
+    assert isinstance(tagged, ic.InternalError)
+    assert tagged.incident == "f00d"
