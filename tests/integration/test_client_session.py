@@ -17,7 +17,10 @@ from sqlalchemy import select
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2
+from icefarm_control.domain import events as event_payloads
 from icefarm_control.domain.clients import ClientSessions
+from icefarm_control.domain.events import EventType
+from icefarm_control.storage import outbox
 from icefarm_control.storage.client_queries import SessionKey
 from icefarm_control.storage.models import client_sessions
 from icefarm_control.storage.testing import seed_farm
@@ -571,3 +574,48 @@ async def test_pruning_drops_old_session_rows_and_keeps_the_live_ones(
     released = await cycle(control, "alice")
     assert (await live.next_event()).reservation_ended.reservation_id == released
     live.close()
+
+
+async def test_many_sessions_of_one_client_woken_together_all_read_the_event(
+    control: RunningControl,
+) -> None:
+    """More feeds woken at once than SMALL_WAKE_BATCH: the gate checks them in one query,
+    by client and instance."""
+    await seed_farm(control.database, boards_per_worker=1)
+    sessions = [await open_instance(control, "alice", f"run-{n}") for n in range(12)]
+    released = await cycle(control, "alice")
+    for session in sessions:
+        assert (await session.next_event()).reservation_ended.reservation_id == released
+    for session in sessions:
+        session.close()
+
+
+async def test_the_upkeep_refreshes_and_wakes_every_session_of_a_client(
+    control: RunningControl,
+) -> None:
+    first = await open_instance(control, "alice", "one")
+    second = await open_instance(control, "alice", "two")
+    rows = [await instance_row(control, "alice", name) for name in ("one", "two")]
+    await control.app.clients.refresh([SessionKey("alice", "one"), SessionKey("alice", "two")])
+    refreshed = [await instance_row(control, "alice", name) for name in ("one", "two")]
+    for before, after in zip(rows, refreshed, strict=True):
+        assert after.last_seen_time > before.last_seen_time  # type: ignore[union-attr]
+    # An event whose wake-up is lost (as a NOTIFY can be): the upkeep finds it.
+    async with control.database.write() as conn:
+        payload = event_payloads.reservation_ending_soon(
+            reservation_id="r-1", end_time=datetime.now(UTC)
+        )
+        await outbox.append_event(
+            conn,
+            outbox.client_audience("alice"),
+            EventType.RESERVATION_ENDING_SOON,
+            payload,
+            datetime.now(UTC),
+        )
+        outbox.take_touched(conn)
+    await control.app.sessions.upkeep()
+    for session in (first, second):
+        event = await session.next_event()
+        assert event.reservation_ending_soon.reservation_id == "r-1"
+    first.close()
+    second.close()
