@@ -43,7 +43,8 @@ class AsyncClient(OperatorCalls):
 
     Reservations belong to the client id; the Session (liveness and events) belongs to this
     object, named by `session_instance` (random unless given), so several Clients of one user
-    run side by side without replacing each other's Session."""
+    run side by side without replacing each other's Session. Two Clients given the same name
+    do replace each other's (the older one's Session ends for good)."""
 
     def __init__(
         self,
