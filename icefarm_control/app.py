@@ -117,6 +117,8 @@ class ControlApp:
         timers, limits, replica = self.engine.timers, self.engine.limits, self.engine.replica_id
         self.workers = WorkerRegistry(self.database, self.engine, clock, timers, limits, replica)
         self.liveness = WorkerLiveness(self.database, self.engine, clock, timers)
+        # Before serving: sessions of replicas known to be gone must not block their workers.
+        await self.workers.start_replica()
         self.worker_sessions = WorkerSessionHandler(self.workers, self.notifier)
         self.clients = ClientSessions(self.engine)
         self.sessions = ClientSessionHandler.for_engine(self.engine, self.clients)
@@ -142,6 +144,11 @@ class ControlApp:
             ),
             asyncio.create_task(self._every(5.0, self.engine.tidy_waiters)),
             # Worker liveness, command time-outs and drains (domain/liveness.py).
+            asyncio.create_task(
+                self._every(
+                    timers.replica_refresh_interval.total_seconds(), self.workers.refresh_replica
+                )
+            ),
             asyncio.create_task(self._every(1.0, self.liveness.sweep_liveness)),
             asyncio.create_task(self._every(1.0, self.liveness.time_out_commands)),
             asyncio.create_task(self._every(1.0, self.liveness.check_drains)),

@@ -1,13 +1,14 @@
 """Writing a change to a device and everything it causes, inside the caller's transaction:
-the operator's `device_changed`, the holder's `device_ready`/`device_failed`, and the work
-that must wait for the commit (ending holds, serving the queue)."""
+the operator's `device_changed`, the holder's `device_ready`/`device_failed`, and the holds the
+change ends. Decisions and their effects commit together (issue 9): only serving the waiting
+queue comes after the commit, and it re-plans under its own locks."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -18,44 +19,57 @@ from icefarm_control.domain.device_reports import (
     merge_labels,
     merge_properties,
 )
-from icefarm_control.domain.errors import InvalidArgument
+from icefarm_control.domain.errors import InvalidArgument, Unavailable
 from icefarm_control.domain.events import EventType
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.states import DeviceState, EndReason, can_transition
 from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import worker_queries as wq
+from icefarm_control.storage.database import Database
 from icefarm_control.storage.records import DeviceRow
 
 log = structlog.get_logger(__name__)
-# The engine's end_reservations takes at most this many device ids per call.
+T = TypeVar("T")
+# The engine is handed at most this many device ids per call.
 _BATCH = 1000
+# A transaction whose lock order was upset (storage/worker_queries.py: HoldsChanged) runs
+# again; this many times at most, then the caller is told to retry.
+_ATTEMPTS = 5
 
 
-@dataclass
-class AfterCommit:
-    """What a transaction decided but the reservation engine must do in its own transaction."""
-
-    ended_holds: dict[EndReason, list[str]] = field(default_factory=lambda: defaultdict(list))
-    serve_waiters: bool = False
-
-    def end_hold(self, reason: EndReason, device_id: str) -> None:
-        self.ended_holds[reason].append(device_id)
-
-    async def finish(self, engine: ReservationEngine) -> None:
-        for reason, device_ids in self.ended_holds.items():
-            await end_holds(engine, device_ids, reason)
-        if self.serve_waiters and not self.ended_holds:
-            # end_reservations serves the queue itself.
-            await engine.serve_waiters()
+async def write_retrying(db: Database, step: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run `step` in a write transaction; again (from the start) when a device was reserved
+    between reading its holders and locking it."""
+    for attempt in itertools.count(1):
+        try:
+            async with db.write() as conn:
+                return await step(conn)
+        except wq.HoldsChanged as changed:
+            if attempt >= _ATTEMPTS:
+                raise Unavailable("the devices are changing too fast; try again") from changed
+            log.debug("devices reserved meanwhile; running the transaction again", attempt=attempt)
+    raise AssertionError("unreachable")
 
 
-async def end_holds(engine: ReservationEngine, device_ids: list[str], reason: EndReason) -> None:
-    for start in range(0, len(device_ids), _BATCH):
-        batch = device_ids[start : start + _BATCH]
-        outcome = await engine.end_reservations(device_ids=batch, reason=reason)
-        if outcome.device_ids:
-            log.info("holds ended", reason=reason.value, devices=outcome.device_ids)
+async def end_holds_in(
+    conn: AsyncConnection,
+    engine: ReservationEngine,
+    holds: Mapping[EndReason, Sequence[str]],
+) -> bool:
+    """End the holds on the devices (by reason) in the caller's transaction. True when a
+    device was let go: the caller serves the queue after its commit."""
+    freed = False
+    for reason, device_ids in holds.items():
+        ids = sorted(set(device_ids))
+        for start in range(0, len(ids), _BATCH):
+            outcome = await engine.end_reservations_in(
+                conn, device_ids=ids[start : start + _BATCH], reason=reason
+            )
+            if outcome.device_ids:
+                freed = True
+                log.info("holds ended", reason=reason.value, devices=outcome.device_ids)
+    return freed
 
 
 async def store_report(
@@ -65,10 +79,10 @@ async def store_report(
     report: DeviceReport,
     state: DeviceState | None,
     now: datetime,
-    after: AfterCommit,
-) -> None:
+) -> bool:
     """Write what the report changes (labels and properties merge; `state` None keeps the
-    state) and record the events it causes. Nothing changed, nothing written."""
+    state) and record the events it causes. Nothing changed, nothing written. True when the
+    device became free (the queue may be served after the commit)."""
     if existing is None:
         if not report.kind:
             raise InvalidArgument("device_update.kind", "is required for a new device")
@@ -84,17 +98,16 @@ async def store_report(
             "reset_on_release": report.reset_on_release,
         }
         await wq.write_device(conn, report.device_id, exists_already=False, values=values)
-        await _record_change(conn, report.device_id, None, new_state, now, after)
-        return
+        return await _record_change(conn, report.device_id, None, new_state, now)
     current = DeviceState(existing.state)
     new_state = state or current
     values = _changed_values(existing, worker, report, new_state)
     if new_state != current:
         values.update(state=new_state.value, state_time=now)
     if not values:
-        return
+        return False
     await wq.write_device(conn, existing.id, exists_already=True, values=values)
-    await _record_change(conn, existing.id, current, new_state, now, after)
+    return await _record_change(conn, existing.id, current, new_state, now)
 
 
 def _changed_values(
@@ -137,7 +150,7 @@ async def break_device(
     values = {"state": DeviceState.BROKEN.value, "state_time": now, "error": error}
     await wq.write_device(conn, device_id, exists_already=True, values=values)
     log.warning("device broken", device=device_id, error=error)
-    await _record_change(conn, device_id, current, DeviceState.BROKEN, now, AfterCommit())
+    await _record_change(conn, device_id, current, DeviceState.BROKEN, now)
     return device
 
 
@@ -156,16 +169,16 @@ async def _record_change(
     before: DeviceState | None,
     after_state: DeviceState,
     now: datetime,
-    after: AfterCommit,
-) -> None:
+) -> bool:
+    """The events of one change; True when the device became free."""
     device = await device_changed(conn, device_id, now)
     if after_state == before:
-        return
-    if after_state == DeviceState.AVAILABLE:
+        return False
+    freed = after_state == DeviceState.AVAILABLE
+    if freed:
         outbox.touch(conn, outbox.DEVICES)
-        after.serve_waiters = True
     if device.reservation_id is None:
-        return
+        return freed
     holder = outbox.client_audience(device.holder)
     if after_state == DeviceState.READY:
         payload = events.device_ready(
@@ -179,3 +192,4 @@ async def _record_change(
             reservation_id=device.reservation_id, device_id=device_id, error=device.error
         )
         await outbox.append_event(conn, holder, EventType.DEVICE_FAILED, payload, now)
+    return freed

@@ -29,6 +29,10 @@ class Timers:
     handshake_timeout: timedelta = timedelta(seconds=5)
     # How long a drain waits for reservations when the request names no timeout.
     drain_timeout: timedelta = timedelta(minutes=15)
+    # Each replica refreshes its row in `replicas` this often; a row older than
+    # `replica_stale_after` means the replica is gone, and its worker streams with it.
+    replica_refresh_interval: timedelta = timedelta(seconds=1)
+    replica_stale_after: timedelta = timedelta(seconds=3)
 
 
 # Reserve/Release statements one replica runs on PostgreSQL at once (config: db_concurrency).
@@ -52,3 +56,8 @@ class Limits:
     max_id_length: int = 128
     max_page_size: int = 1000
     default_page_size: int = 100
+    # Boards one worker may register; past it Register is INVALID_ARGUMENT.
+    max_devices_per_worker: int = 4096
+    # A Register is reconciled (and a worker's boards taken offline) this many devices per
+    # transaction, so one big worker never stalls the other writers for long (SQLite).
+    devices_per_transaction: int = 100

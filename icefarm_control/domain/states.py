@@ -59,8 +59,10 @@ TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     S.RESERVED: frozenset({S.READY, S.FLASHING, S.AVAILABLE, *_ANYWHERE_FROM_LIVE}),
     # READY → RESERVED: a reboot or a mode switch prepares the board again.
     S.READY: frozenset({S.RESERVED, S.FLASHING, S.AVAILABLE, *_ANYWHERE_FROM_LIVE}),
-    # BROKEN → FLASHING/DISCOVERED: a reboot or a replug tries to recover it.
-    S.BROKEN: frozenset({S.FLASHING, S.DISCOVERED, S.OFFLINE, S.REMOVED}),
+    # BROKEN → whatever its worker finds. BROKEN is often the control's inference (a command
+    # failed or timed out); the worker's later report of what the hardware does is newer
+    # evidence. Held states still need the holder's reservation (domain/device_reports.py).
+    S.BROKEN: frozenset(set(S) - {S.BROKEN}),
     # OFFLINE → whatever its worker reports on reconnect (reconciliation).
     S.OFFLINE: frozenset(set(S) - {S.OFFLINE}),
     # REMOVED → DISCOVERED: plugged in again.

@@ -7,18 +7,25 @@ worker's stream, and the timers in domain/liveness.py may run on every replica.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
-from icefarm_control.domain.device_changes import AfterCommit, break_device, store_report
+from icefarm_control.domain.device_changes import (
+    break_device,
+    end_holds_in,
+    store_report,
+    write_retrying,
+)
 from icefarm_control.domain.device_reports import (
     DeviceReport,
     KnownDevice,
@@ -35,11 +42,17 @@ from icefarm_control.domain.errors import (
     Unavailable,
 )
 from icefarm_control.domain.events import CommandType
-from icefarm_control.domain.liveness import BREAKING_COMMANDS, finish_drains
+from icefarm_control.domain.liveness import (
+    BREAKING_COMMANDS,
+    finish_drains,
+    take_dead_sessions_offline,
+    take_devices_offline,
+    worker_changed,
+)
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits, Timers
 from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
-from icefarm_control.storage import outbox
+from icefarm_control.storage import outbox, replicas
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import worker_queries as wq
 from icefarm_control.storage.database import Database
@@ -78,6 +91,12 @@ def check_registration(registration: Registration, limits: Limits) -> None:
         raise InvalidArgument("register.name", "must be 1-128 printable ASCII characters")
     if len(registration.endpoint) > 256 or len(registration.version) > 64:
         raise InvalidArgument("register.endpoint", "endpoint ≤ 256, version ≤ 64 characters")
+    limit = limits.max_devices_per_worker
+    if len(registration.devices) > limit:
+        raise InvalidArgument(
+            "register.devices",
+            f"{len(registration.devices)} devices; a worker may register at most {limit}",
+        )
     seen: set[str] = set()
     for report in registration.devices:
         check_report(report, limits, field_name="register.devices")
@@ -109,28 +128,62 @@ class WorkerRegistry:
         self.timers = timers
         self.limits = limits
         self.replica_id = replica_id
+        # The sessions whose streams are open in this process (a session of this replica that
+        # is not here is over, whatever the database says: its end may not have been written).
+        self._live: set[tuple[str, int]] = set()
+
+    # ------------------------------------------------------------ this replica
+
+    async def start_replica(self) -> None:
+        """Announce this replica; sessions the database shows for replicas known to be gone
+        (on SQLite: every other one, since one control serves a file) end at once."""
+        now = self.clock.now()
+        async with self.db.write() as conn:
+            await replicas.announce(conn, self.replica_id, now)
+            dead = await take_dead_sessions_offline(conn, now, self.timers, self.replica_id)
+        for session in dead:
+            await take_devices_offline(self.db, session, now, self.limits)
+
+    async def refresh_replica(self) -> None:
+        """This replica is alive (run every `replica_refresh_interval`)."""
+        async with self.db.write() as conn:
+            await replicas.refresh(conn, self.replica_id, self.clock.now())
 
     # ------------------------------------------------------------ sessions
 
     async def register(self, registration: Registration) -> Session:
         """Accept a worker's stream: refuse a second live session under its name, take over a
-        dead one, and reconcile its devices with what the database holds (ARCHITECTURE §7)."""
+        dead one, and reconcile its devices with what the database holds (ARCHITECTURE §7),
+        a bounded batch of devices per transaction."""
         check_registration(registration, self.limits)
+        session = await self._start_session(registration)
+        self._live.add((session.worker, session.generation))
+        try:
+            await self._reconcile(session, registration.devices)
+            async with self.db.write() as conn:
+                await self._worker_changed(conn, session.worker)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.end_session(session)
+            raise
+        log.info("worker registered", worker=session.worker, generation=session.generation)
+        return session
+
+    async def _start_session(self, registration: Registration) -> Session:
         name = registration.name
         now = self.clock.now()
-        after = AfterCommit()
         async with self.db.write() as conn:
             await wq.ensure_worker(conn, name, now)
             row = await wq.lock_worker(conn, name)
             assert row is not None
-            alive = row.last_seen_time > now - self.timers.offline_timeout
-            if row.session_replica is not None and alive and row.state != WorkerState.OFFLINE:
+            if await self._session_is_live(conn, row, now):
                 raise AlreadyExists(
                     f"worker {name!r} already has a live session",
                     reason=Reason.WORKER_ALREADY_CONNECTED,
                 )
-            # A drain survives a reconnect until it completes (the deadline is cleared then).
-            draining = row.state == WorkerState.DRAINING and row.drain_deadline is not None
+            # A drain survives a reconnect (and an offline spell) until it completes: its
+            # deadline is cleared then.
+            draining = row.drain_deadline is not None
             generation = row.session_generation + 1
             await wq.start_session(
                 conn,
@@ -142,47 +195,87 @@ class WorkerRegistry:
                 state=WorkerState.DRAINING if draining else WorkerState.ONLINE,
                 replica=self.replica_id,
                 generation=generation,
-                drain_deadline=row.drain_deadline if draining else None,
+                drain_deadline=row.drain_deadline,
                 now=now,
             )
             await outbox.requeue_sent_commands(conn, name)
-            await self._reconcile(conn, name, registration.devices, after)
-            await self._worker_changed(conn, name)
             # Wakes the replaced stream (if any), which then finds it is no longer current.
             outbox.touch(conn, outbox.worker_topic(name))
-        log.info("worker registered", worker=name, generation=generation)
-        await after.finish(self.engine)
         return Session(name, generation, self.replica_id)
 
-    async def _reconcile(
-        self,
-        conn: AsyncConnection,
-        worker: str,
-        reports: Sequence[DeviceReport],
-        after: AfterCommit,
-    ) -> None:
-        now = self.clock.now()
-        known = {d.id: d for d in await wq.worker_devices(conn, worker)}
-        unanswered = await wq.open_commands(conn, worker)
+    async def _session_is_live(
+        self, conn: AsyncConnection, row: wq.WorkerSessionRow, now: datetime
+    ) -> bool:
+        """Whether the session the row records still has its stream: not offline, heard from
+        within the offline timeout, and held by a replica that is alive (this one: among its
+        open streams; another: its row refreshed lately)."""
+        holder = row.session_replica
+        if holder is None or row.state == WorkerState.OFFLINE:
+            return False
+        if row.last_seen_time <= now - self.timers.offline_timeout:
+            return False
+        if holder == self.replica_id:
+            return (row.name, row.session_generation) in self._live
+        return await replicas.is_live(conn, holder, now - self.timers.replica_stale_after)
+
+    async def _reconcile(self, session: Session, reports: Sequence[DeviceReport]) -> None:
+        batch = self.limits.devices_per_transaction
+        for start in range(0, len(reports), batch):
+            chunk = reports[start : start + batch]
+            step = functools.partial(self._reconcile_batch, session=session, reports=chunk)
+            freed = await write_retrying(self.db, step)
+            if freed:
+                await self.engine.serve_waiters()
+        # Devices it no longer reports were unplugged while it was away.
+        reported = {r.device_id for r in reports}
+        async with self.db.read() as conn:
+            known = await wq.worker_devices(conn, session.worker)
+        gone = [d.id for d in known if d.id not in reported and d.state != DeviceState.REMOVED]
+        for start in range(0, len(gone), batch):
+            ids = gone[start : start + batch]
+            step = functools.partial(self._remove_missing, session=session, device_ids=ids)
+            freed = await write_retrying(self.db, step)
+            if freed:
+                await self.engine.serve_waiters()
+
+    async def _require_generation(self, conn: AsyncConnection, session: Session) -> None:
+        """Lock the worker row (orders this against a Register replacing the session) and
+        check the session is still the current one."""
+        row = await wq.lock_worker(conn, session.worker)
+        if row is None or (row.session_generation, row.session_replica) != (
+            session.generation,
+            session.replica,
+        ):
+            raise SessionExpired(_expired(session))
+
+    async def _reconcile_batch(
+        self, conn: AsyncConnection, session: Session, reports: Sequence[DeviceReport]
+    ) -> bool:
+        """One transaction of a Register's reconcile; True when a device became free."""
+        worker, now = session.worker, self.clock.now()
+        await self._require_generation(conn, session)
+        ids = [r.device_id for r in reports]
+        existing = await wq.lock_devices(conn, ids)
+        unanswered = await wq.open_commands(conn, worker, ids)
         prepares = _command_keys(unanswered, CommandType.PREPARE_DEVICE)
         releases = _command_keys(unanswered, CommandType.RELEASE_DEVICE)
+        ends: dict[EndReason, list[str]] = defaultdict(list)
+        freed = False
         for report in reports:
-            existing = known.pop(report.device_id, None) or await wq.lock_device(
-                conn, report.device_id
-            )
-            holder = existing.reservation_id if existing else None
+            device = existing.get(report.device_id)
+            holder = device.reservation_id if device else None
             try:
-                if existing is not None and existing.worker != worker:
-                    _check_move(existing, worker)
+                if device is not None and device.worker != worker:
+                    _check_move(device, worker)
                 judgement = judge_reconnect(
-                    _known(existing), report, prepare_pending=(report.device_id, holder) in prepares
+                    _known(device), report, prepare_pending=(report.device_id, holder) in prepares
                 )
-                await store_report(conn, worker, existing, report, judgement.state, now, after)
+                freed |= await store_report(conn, worker, device, report, judgement.state, now)
             except (FailedPrecondition, InvalidArgument) as error:
                 log.warning("device not reconciled", worker=worker, error=error.message)
                 continue
             if judgement.end_hold is not None:
-                after.end_hold(judgement.end_hold, report.device_id)
+                ends[judgement.end_hold].append(report.device_id)
             stale = judgement.release_reservation
             if stale is not None and (report.device_id, stale) not in releases:
                 payload = events.release_device(device_id=report.device_id, reservation_id=stale)
@@ -194,21 +287,40 @@ class WorkerRegistry:
                     now,
                     device_id=report.device_id,
                 )
-        # Devices it no longer reports were unplugged while it was away.
-        for device in known.values():
-            if device.state == DeviceState.REMOVED:
-                continue
+        return await end_holds_in(conn, self.engine, ends) or freed
+
+    async def _remove_missing(
+        self, conn: AsyncConnection, session: Session, device_ids: Sequence[str]
+    ) -> bool:
+        """Devices the worker no longer reports are REMOVED; their holds end."""
+        worker, now = session.worker, self.clock.now()
+        await self._require_generation(conn, session)
+        ends: dict[EndReason, list[str]] = defaultdict(list)
+        for device in (await wq.lock_devices(conn, device_ids)).values():
+            if device.worker != worker or device.state == DeviceState.REMOVED:
+                continue  # moved to another worker or removed meanwhile
             gone = DeviceReport(device.id, state=DeviceState.REMOVED)
-            await store_report(conn, worker, device, gone, DeviceState.REMOVED, now, after)
+            await store_report(conn, worker, device, gone, DeviceState.REMOVED, now)
             if device.reservation_id is not None:
-                after.end_hold(EndReason.DEVICE_REMOVED, device.id)
+                ends[EndReason.DEVICE_REMOVED].append(device.id)
+        return await end_holds_in(conn, self.engine, ends)
 
     async def end_session(self, session: Session) -> None:
-        """The stream ended: free the name at once (unless a newer session has it), so the
-        worker can reconnect without waiting for the offline timeout."""
+        """The stream ended: the worker and its boards go OFFLINE at once (holds kept, the
+        worker grace counting from now) and the name is free (unless a newer session has it),
+        so no Reserve hands out a dead worker's boards and it can reconnect at once."""
+        # Forgotten first: even if the end cannot be written now, this replica knows the
+        # stream is gone and will not let it block the worker's next Register.
+        self._live.discard((session.worker, session.generation))
+        now = self.clock.now()
         async with self.db.write() as conn:
-            await wq.end_session(conn, session.worker, session.generation)
+            ended = await wq.end_session(conn, session.worker, session.generation)
+            if ended:
+                await self._worker_changed(conn, session.worker)
         log.info("worker session ended", worker=session.worker, generation=session.generation)
+        if ended:
+            dead = wq.DeadSession(session.worker, session.generation)
+            await take_devices_offline(self.db, dead, now, self.limits)
 
     async def heartbeat(self, session: Session) -> None:
         async with self.db.write() as conn:
@@ -229,20 +341,23 @@ class WorkerRegistry:
     async def update_device(self, session: Session, report: DeviceReport) -> None:
         """Apply one DeviceUpdate. IllegalTransition (nothing applied) when the state table
         forbids it; a report about a hold that has since ended is ignored (see
-        domain/device_reports.py)."""
+        domain/device_reports.py). A hold the report ends ends in the same transaction."""
         check_report(report, self.limits)
+        if await write_retrying(self.db, lambda conn: self._apply_update(conn, session, report)):
+            await self.engine.serve_waiters()
+
+    async def _apply_update(
+        self, conn: AsyncConnection, session: Session, report: DeviceReport
+    ) -> bool:
+        await self._require_current(conn, session)
+        existing = await wq.lock_device(conn, report.device_id)
+        if existing is not None and existing.worker != session.worker:
+            _check_move(existing, session.worker)
+        judgement = judge_update(_known(existing), report)
         now = self.clock.now()
-        after = AfterCommit()
-        async with self.db.write() as conn:
-            await self._require_current(conn, session)
-            existing = await wq.lock_device(conn, report.device_id)
-            if existing is not None and existing.worker != session.worker:
-                _check_move(existing, session.worker)
-            judgement = judge_update(_known(existing), report)
-            await store_report(conn, session.worker, existing, report, judgement.state, now, after)
-            if judgement.end_hold is not None:
-                after.end_hold(judgement.end_hold, report.device_id)
-        await after.finish(self.engine)
+        freed = await store_report(conn, session.worker, existing, report, judgement.state, now)
+        ends = {judgement.end_hold: [report.device_id]} if judgement.end_hold else {}
+        return await end_holds_in(conn, self.engine, ends) or freed
 
     # ------------------------------------------------------------ commands
 
@@ -273,18 +388,33 @@ class WorkerRegistry:
     async def command_result(
         self, session: Session, correlation_id: str, *, ok: bool, error: str
     ) -> None:
-        """Record the worker's answer; a failed prepare, release or reboot breaks the board."""
+        """Record the worker's answer to one of its own commands; a failed prepare, release or
+        reboot breaks the board. An answer to another worker's command changes nothing."""
         now = self.clock.now()
-        async with self.db.write() as conn:
+
+        async def record(conn: AsyncConnection) -> outbox.CommandRow | None:
             command = await outbox.complete_command(
-                conn, correlation_id, ok=ok, error=error, now=now
+                conn, correlation_id, worker=session.worker, ok=ok, error=error, now=now
             )
             if command is None:
-                log.info("result for an unknown or finished command", worker=session.worker)
-                return
+                owner = await outbox.command_owner(conn, correlation_id)
+                if owner is not None and owner != session.worker:
+                    log.warning(
+                        "result for another worker's command refused",
+                        worker=session.worker,
+                        owner=owner,
+                        correlation_id=correlation_id,
+                    )
+                return None
             if not ok and command.type in BREAKING_COMMANDS and command.device_id:
                 reason = f"{command.type} failed: {error or 'no reason given'}"
                 await break_device(conn, command.device_id, reason, now)
+            return command
+
+        command = await write_retrying(self.db, record)
+        if command is None:
+            log.info("result for an unknown or finished command", worker=session.worker)
+            return
         if command.type == CommandType.RELEASE_DEVICE:
             async with self.db.write() as conn:
                 await finish_drains(conn, now, session.worker)
@@ -359,16 +489,7 @@ class WorkerRegistry:
             )
 
     async def _worker_changed(self, conn: AsyncConnection, worker: str) -> WorkerRow:
-        row = await wq.get_worker(conn, worker)
-        assert row is not None
-        await outbox.append_event(
-            conn,
-            outbox.OPERATOR,
-            events.EventType.WORKER_CHANGED,
-            events.worker_changed(row),
-            self.clock.now(),
-        )
-        return row
+        return await worker_changed(conn, worker, self.clock.now())
 
 
 def _command_keys(commands: Sequence[outbox.CommandRow], kind: CommandType) -> set[tuple[str, str]]:

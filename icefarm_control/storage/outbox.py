@@ -201,14 +201,22 @@ async def mark_sent(
 
 
 async def complete_command(
-    conn: AsyncConnection, correlation_id: str, *, ok: bool, error: str, now: datetime
+    conn: AsyncConnection,
+    correlation_id: str,
+    *,
+    worker: str,
+    ok: bool,
+    error: str,
+    now: datetime,
 ) -> CommandRow | None:
-    """Record a worker's answer; the command, or None if unknown or already finished."""
+    """Record `worker`'s answer to one of its own commands; the command, or None (nothing
+    changed) if it is unknown, already finished, or another worker's."""
     row = (
         await conn.execute(
             update(worker_commands)
             .where(
                 worker_commands.c.correlation_id == correlation_id,
+                worker_commands.c.worker_name == worker,
                 worker_commands.c.state.in_([PENDING, SENT]),
             )
             .values(state=DONE if ok else FAILED, error=error, done_time=now)
@@ -216,6 +224,15 @@ async def complete_command(
         )
     ).first()
     return command_row(row) if row else None
+
+
+async def command_owner(conn: AsyncConnection, correlation_id: str) -> str | None:
+    """The worker a command was queued for (None if there is no such command)."""
+    query = select(worker_commands.c.worker_name).where(
+        worker_commands.c.correlation_id == correlation_id
+    )
+    owner: str | None = (await conn.execute(query)).scalar()
+    return owner
 
 
 async def time_out_commands(conn: AsyncConnection, now: datetime) -> list[CommandRow]:

@@ -12,18 +12,34 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain.states import DeviceState, WorkerState
 from icefarm_control.storage import outbox
-from icefarm_control.storage.models import devices, worker_commands, workers
+from icefarm_control.storage.models import devices, reservations, worker_commands, workers
 from icefarm_control.storage.queries import device_row, device_select
 from icefarm_control.storage.records import DeviceRow, WorkerRow
+from icefarm_control.storage.replicas import live_replica_ids
 
 # States a device keeps while its worker is away: already gone, nothing to record.
 _NOT_OFFLINED = (DeviceState.OFFLINE.value, DeviceState.REMOVED.value)
+
+
+class HoldsChanged(Exception):
+    """A device gained a holder between reading its holders and locking it, and that holder's
+    reservation is locked by someone else right now: roll back and run the transaction again
+    (waiting for the lock here could deadlock against a release, which locks the reservation
+    first and the device second)."""
+
+
+@dataclass(frozen=True)
+class DeadSession:
+    """A worker whose session the caller decided is over, with the generation it decided on."""
+
+    name: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -118,13 +134,16 @@ async def start_session(
     )
 
 
-async def end_session(conn: AsyncConnection, name: str, generation: int) -> None:
-    """The stream of `generation` ended: the name is free again, unless a newer session has it."""
-    await conn.execute(
+async def end_session(conn: AsyncConnection, name: str, generation: int) -> bool:
+    """The stream of `generation` ended: the worker is OFFLINE and its name free again, unless
+    a newer session has it. True when this ended the current session."""
+    result = await conn.execute(
         update(workers)
         .where(workers.c.name == name, workers.c.session_generation == generation)
-        .values(session_replica=None)
+        .values(session_replica=None, state=WorkerState.OFFLINE.value)
+        .returning(workers.c.name)
     )
+    return result.first() is not None
 
 
 async def record_heartbeat(
@@ -181,43 +200,119 @@ async def get_worker(conn: AsyncConnection, name: str) -> WorkerRow | None:
 # ---------------------------------------------------------------- liveness and drains
 
 
-async def mark_silent_workers_offline(conn: AsyncConnection, silent_since: datetime) -> list[str]:
-    """Workers that registered over a stream and were silent since `silent_since` go OFFLINE.
-    (Workers seeded without a session, generation 0, are never touched.)"""
-    rows = await conn.execute(
-        update(workers)
+async def lock_dead_sessions(
+    conn: AsyncConnection, *, silent_since: datetime, stale_since: datetime, replica_id: str
+) -> list[DeadSession]:
+    """Lock the workers (with a session; workers seeded for tests have generation 0) whose
+    session is over although they are still ONLINE or DRAINING: silent since `silent_since`,
+    or held by another replica that has not refreshed its row since `stale_since` (it died),
+    or by none. Rows another transaction holds (a Register) are skipped: next sweep."""
+    held_by_a_dead_replica = or_(
+        workers.c.session_replica.is_(None),
+        (workers.c.session_replica != replica_id)
+        & workers.c.session_replica.notin_(live_replica_ids(stale_since)),
+    )
+    query = (
+        select(workers.c.name, workers.c.session_generation)
         .where(
             workers.c.session_generation >= 1,
             workers.c.state.in_([WorkerState.ONLINE.value, WorkerState.DRAINING.value]),
-            workers.c.last_seen_time < silent_since,
+            or_(workers.c.last_seen_time < silent_since, held_by_a_dead_replica),
         )
-        .values(state=WorkerState.OFFLINE.value)
-        .returning(workers.c.name)
+        .order_by(workers.c.name)
+        .with_for_update(of=workers, skip_locked=True)
     )
-    return sorted(r.name for r in rows)
+    return [DeadSession(r.name, r.session_generation) for r in await conn.execute(query)]
 
 
-async def take_devices_offline(conn: AsyncConnection, worker: str, now: datetime) -> list[str]:
-    """Every device of the worker that is still there goes OFFLINE, keeping its hold."""
+async def set_offline(conn: AsyncConnection, name: str) -> None:
+    """The worker's session is over (the caller holds its row): OFFLINE, name free."""
+    await conn.execute(
+        update(workers)
+        .where(workers.c.name == name)
+        .values(state=WorkerState.OFFLINE.value, session_replica=None)
+    )
+
+
+async def take_devices_offline(
+    conn: AsyncConnection, worker: str, now: datetime, limit: int
+) -> list[str]:
+    """Up to `limit` devices of the worker that are still there go OFFLINE, keeping their
+    holds (the worker grace counts from now: see lock_lost_workers)."""
+    batch = (
+        select(devices.c.id)
+        .where(devices.c.worker_name == worker, devices.c.state.notin_(_NOT_OFFLINED))
+        .order_by(devices.c.id)
+        .limit(limit)
+    )
     rows = await conn.execute(
         update(devices)
-        .where(devices.c.worker_name == worker, devices.c.state.notin_(_NOT_OFFLINED))
+        .where(devices.c.id.in_(batch.scalar_subquery()))
         .values(state=DeviceState.OFFLINE.value, state_time=now)
         .returning(devices.c.id)
     )
     return sorted(r.id for r in rows)
 
 
-async def held_devices_of_lost_workers(conn: AsyncConnection, lost_since: datetime) -> list[str]:
-    """Held devices of workers (with sessions) offline and silent since before `lost_since`."""
+async def offline_workers_with_live_devices(conn: AsyncConnection) -> list[DeadSession]:
+    """OFFLINE workers (with a session) some of whose devices were not taken offline yet (a
+    replica stopped half-way through)."""
+    query = (
+        select(workers.c.name, workers.c.session_generation)
+        .where(
+            workers.c.session_generation >= 1,
+            workers.c.state == WorkerState.OFFLINE.value,
+            exists().where(
+                devices.c.worker_name == workers.c.name, devices.c.state.notin_(_NOT_OFFLINED)
+            ),
+        )
+        .order_by(workers.c.name)
+    )
+    return [DeadSession(r.name, r.session_generation) for r in await conn.execute(query)]
+
+
+def _held_since(lost_since: datetime) -> Any:
+    """A held device of the worker that has been where it is (OFFLINE, for a worker that is
+    offline) since at least `lost_since`."""
+    return (
+        (devices.c.worker_name == workers.c.name)
+        & devices.c.reservation_id.is_not(None)
+        & (devices.c.state_time <= lost_since)
+    )
+
+
+async def lock_lost_workers(conn: AsyncConnection, lost_since: datetime) -> list[str]:
+    """Lock the OFFLINE workers (with sessions) gone since at least `lost_since` (last heard
+    from then, their boards offline since then) that still have held boards. The lock orders
+    this against a Register bringing the worker back: whichever comes second sees the other's
+    outcome. Rows another transaction holds are skipped (next sweep)."""
+    query = (
+        select(workers.c.name)
+        .where(
+            workers.c.session_generation >= 1,
+            workers.c.state == WorkerState.OFFLINE.value,
+            workers.c.last_seen_time <= lost_since,
+            exists().where(_held_since(lost_since)),
+        )
+        .order_by(workers.c.name)
+        .with_for_update(of=workers, skip_locked=True)
+    )
+    return [r.name for r in await conn.execute(query)]
+
+
+async def held_devices_of_lost_workers(
+    conn: AsyncConnection, names: Sequence[str], lost_since: datetime
+) -> list[str]:
+    """Held devices of the given (locked, OFFLINE) workers, offline since `lost_since`."""
+    if not names:
+        return []
     query = (
         select(devices.c.id)
         .join(workers, workers.c.name == devices.c.worker_name)
         .where(
-            workers.c.session_generation >= 1,
+            workers.c.name.in_(list(names)),
             workers.c.state == WorkerState.OFFLINE.value,
-            workers.c.last_seen_time < lost_since,
-            devices.c.reservation_id.is_not(None),
+            _held_since(lost_since),
         )
         .order_by(devices.c.id)
     )
@@ -232,16 +327,31 @@ async def set_draining(conn: AsyncConnection, name: str, deadline: datetime) -> 
     )
 
 
-async def held_devices_of_overdue_drains(conn: AsyncConnection, now: datetime) -> list[str]:
-    """Held devices of draining workers whose drain deadline has passed."""
+async def lock_overdue_drains(conn: AsyncConnection, now: datetime) -> list[str]:
+    """Lock the draining workers past their drain deadline that still hold boards."""
+    holding = exists().where(
+        devices.c.worker_name == workers.c.name, devices.c.reservation_id.is_not(None)
+    )
     query = (
-        select(devices.c.id)
-        .join(workers, workers.c.name == devices.c.worker_name)
+        select(workers.c.name)
         .where(
             workers.c.state == WorkerState.DRAINING.value,
             workers.c.drain_deadline <= now,
-            devices.c.reservation_id.is_not(None),
+            holding,
         )
+        .order_by(workers.c.name)
+        .with_for_update(of=workers, skip_locked=True)
+    )
+    return [r.name for r in await conn.execute(query)]
+
+
+async def held_devices_of(conn: AsyncConnection, names: Sequence[str]) -> list[str]:
+    """Held devices of the given workers."""
+    if not names:
+        return []
+    query = (
+        select(devices.c.id)
+        .where(devices.c.worker_name.in_(list(names)), devices.c.reservation_id.is_not(None))
         .order_by(devices.c.id)
     )
     return [r.id for r in await conn.execute(query)]
@@ -272,20 +382,55 @@ async def finish_drains(conn: AsyncConnection, worker: str | None = None) -> lis
 
 
 async def worker_devices(conn: AsyncConnection, worker: str) -> list[DeviceRow]:
-    """The worker's devices, locked, by id."""
-    query = (
-        device_select()
-        .where(devices.c.worker_name == worker)
-        .order_by(devices.c.id)
-        .with_for_update(of=devices)
-    )
+    """The worker's devices, by id (not locked: lock the ones to change with lock_devices)."""
+    query = device_select().where(devices.c.worker_name == worker).order_by(devices.c.id)
     return [device_row(r) for r in await conn.execute(query)]
 
 
+async def lock_devices(conn: AsyncConnection, device_ids: Sequence[str]) -> dict[str, DeviceRow]:
+    """Lock the devices (those that exist) and the reservations holding them, reservations
+    first: the order a release takes them in (it locks its reservation, then frees the
+    devices), so a transaction that ends holds of the devices it changes never deadlocks
+    with one. Raises HoldsChanged when the order cannot be kept (see there)."""
+    ids = sorted(set(device_ids))
+    if not ids:
+        return {}
+    holders = select(devices.c.reservation_id).where(
+        devices.c.id.in_(ids), devices.c.reservation_id.is_not(None)
+    )
+    locked = {
+        r.id
+        for r in await conn.execute(
+            select(reservations.c.id)
+            .where(reservations.c.id.in_(holders.scalar_subquery()))
+            .order_by(reservations.c.id)
+            .with_for_update(of=reservations)
+        )
+    }
+    query = (
+        device_select()
+        .where(devices.c.id.in_(ids))
+        .order_by(devices.c.id)
+        .with_for_update(of=devices)
+    )
+    rows = {r.id: device_row(r) for r in await conn.execute(query)}
+    newer = sorted({d.reservation_id for d in rows.values() if d.reservation_id} - locked)
+    if newer:
+        # Reserved in between: lock those too, but only without waiting.
+        taken = await conn.execute(
+            select(reservations.c.id)
+            .where(reservations.c.id.in_(newer))
+            .order_by(reservations.c.id)
+            .with_for_update(of=reservations, skip_locked=True)
+        )
+        if len(taken.all()) < len(newer):
+            raise HoldsChanged(f"devices were reserved meanwhile: {newer}")
+    return rows
+
+
 async def lock_device(conn: AsyncConnection, device_id: str) -> DeviceRow | None:
-    query = device_select().where(devices.c.id == device_id).with_for_update(of=devices)
-    row = (await conn.execute(query)).first()
-    return device_row(row) if row else None
+    """Lock one device and the reservation holding it (see lock_devices)."""
+    return (await lock_devices(conn, [device_id])).get(device_id)
 
 
 async def write_device(
@@ -301,8 +446,11 @@ async def write_device(
 # ---------------------------------------------------------------- commands
 
 
-async def open_commands(conn: AsyncConnection, worker: str) -> list[outbox.CommandRow]:
-    """Commands for the worker not yet answered (PENDING or SENT), oldest first."""
+async def open_commands(
+    conn: AsyncConnection, worker: str, device_ids: Sequence[str] | None = None
+) -> list[outbox.CommandRow]:
+    """Commands for the worker (about the given devices, when given) not yet answered
+    (PENDING or SENT), oldest first."""
     query = (
         select(worker_commands)
         .where(
@@ -311,6 +459,8 @@ async def open_commands(conn: AsyncConnection, worker: str) -> list[outbox.Comma
         )
         .order_by(worker_commands.c.id)
     )
+    if device_ids is not None:
+        query = query.where(worker_commands.c.device_id.in_(list(device_ids)))
     return [outbox.command_row(r) for r in await conn.execute(query)]
 
 

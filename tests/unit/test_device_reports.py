@@ -59,6 +59,16 @@ def test_properties_merge_and_nan_removes_the_key() -> None:
         (known(S.RESERVED, "r2"), report(S.AVAILABLE), UNCHANGED),
         (known(S.AVAILABLE), report(S.RESERVED, "r1"), UNCHANGED),
         (known(S.READY, "r1"), report(S.AVAILABLE, "r1"), UNCHANGED),
+        # The worker is right about the hardware: a board the control broke (a command timed
+        # out) that its worker reset and tested is free again, and one it prepared is READY.
+        (known(S.BROKEN), report(S.AVAILABLE), Judgement(S.AVAILABLE)),
+        (known(S.BROKEN), report(S.TESTING), Judgement(S.TESTING)),
+        (known(S.BROKEN, "r1"), report(S.READY, "r1"), Judgement(S.READY)),
+        (known(S.BROKEN, "r1"), report(S.RESERVED, "r1"), Judgement(S.RESERVED)),
+        # The control is right about the hold: a held broken board reported free stays broken
+        # (the holder releases it, and the worker's reset reports it again).
+        (known(S.BROKEN, "r1"), report(S.AVAILABLE), UNCHANGED),
+        (known(S.BROKEN, "r2"), report(S.READY, "r1"), UNCHANGED),
     ],
 )
 def test_live_updates(
@@ -72,7 +82,7 @@ def test_live_updates(
     [
         (known(S.AVAILABLE), report(S.READY)),
         (known(S.AVAILABLE), report(S.RESERVED)),  # a held state needs its reservation
-        (known(S.BROKEN), report(S.AVAILABLE)),
+        (known(S.BROKEN), report(S.READY)),  # a held state needs its reservation
         (None, report(S.READY)),
         (None, report(S.OFFLINE)),
     ],
