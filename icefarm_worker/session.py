@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_chain, wait_random_exponential
+from tenacity.wait import wait_base
 
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import control_service_pb2_grpc as cpb_grpc
@@ -27,11 +28,23 @@ log = structlog.get_logger(__name__)
 Stream = grpc.aio.StreamStreamCall[cpb.WorkerSessionRequest, cpb.WorkerSessionResponse]
 # How long the control has to answer Register.
 REGISTER_TIMEOUT = 10.0
+# A control that restarts (or a replica that takes over) serves again within seconds: the first
+# attempts pause at most this long (jittered), so the worker is back soon after it serves.
+FIRST_ATTEMPTS = 20
+FIRST_ATTEMPTS_MAX_PAUSE = 1.5
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def reconnect_pauses(longest: float) -> wait_base:
+    """Jittered exponential pauses, at most FIRST_ATTEMPTS_MAX_PAUSE for the first attempts,
+    then growing up to `longest` (a control that stays away is not hammered)."""
+    first = wait_random_exponential(multiplier=0.2, max=min(longest, FIRST_ATTEMPTS_MAX_PAUSE))
+    later = wait_random_exponential(multiplier=0.2, max=longest)
+    return wait_chain(*[first] * FIRST_ATTEMPTS, later)
 
 
 class NotConnected(Exception):
@@ -106,7 +119,7 @@ class ControlSession:
         while not self._stopping:
             # A fresh back-off after every registered session: it restarts from short pauses.
             retrying = AsyncRetrying(
-                wait=wait_random_exponential(multiplier=0.2, max=self.reconnect_max),
+                wait=reconnect_pauses(self.reconnect_max),
                 retry=retry_if_exception_type(NotConnected),
                 sleep=self._pause,
                 reraise=True,
