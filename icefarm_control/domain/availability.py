@@ -6,6 +6,10 @@ devices may have changed: the `devices` topic (devices freed) and the `operator`
 reservation created or ended, device and worker changes), plus a slow timer. A count is a
 snapshot: a board taken and freed again between two counts is not seen as a transition, so
 DevicesAvailable is a hint to Reserve (with a wait), never a promise.
+
+All selectors are counted in one read transaction. A selector whose count fails (a database
+that refuses it spoils the whole transaction on PostgreSQL) is from then on counted alone,
+until it counts again: one bad watch never silences the others.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class AvailabilityMonitor:
         self.recount_interval = recount_interval
         self._watches: dict[str, set[Watch]] = defaultdict(set)
         self._parsed: dict[str, Selector] = {}
+        # Selectors whose count failed: counted alone; `_reported`: their failure is logged.
+        self._failing: set[str] = set()
+        self._reported: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
 
@@ -82,6 +89,8 @@ class AvailabilityMonitor:
         if not watchers:
             del self._watches[watch.selector]
             self._parsed.pop(watch.selector, None)
+            self._failing.discard(watch.selector)
+            self._reported.discard(watch.selector)
 
     @property
     def watch_count(self) -> int:
@@ -107,8 +116,33 @@ class AvailabilityMonitor:
                 self._subscription = None
 
     async def _recount(self) -> None:
-        selectors = list(self._watches)
+        selectors = [s for s in self._watches if s in self._parsed]
+        together = [s for s in selectors if s not in self._failing]
         free: dict[str, list[str]] = {}
+        try:
+            free.update(await self._count(together))
+        except Exception:
+            log.warning("counting free devices failed; counting each selector alone")
+            self._failing.update(together)
+        for selector in [s for s in selectors if s in self._failing]:
+            try:
+                free.update(await self._count([selector]))
+            except Exception:
+                if selector not in self._reported:
+                    self._reported.add(selector)
+                    log.exception("counting free devices failed", selector=repr(selector)[:200])
+                continue
+            self._failing.discard(selector)
+            self._reported.discard(selector)
+        for selector, ids in free.items():
+            for watch in list(self._watches.get(selector, ())):
+                self._tell(watch, ids)
+
+    async def _count(self, selectors: Sequence[str]) -> dict[str, list[str]]:
+        """The free devices matching each selector, in one read transaction."""
+        free: dict[str, list[str]] = {}
+        if not selectors:
+            return free
         async with self.db.read() as conn:
             for selector in selectors:
                 parsed = self._parsed.get(selector)
@@ -117,6 +151,11 @@ class AvailabilityMonitor:
                 free[selector] = await q.count_free_devices(
                     conn, None if parsed.is_empty else parsed
                 )
-        for selector, ids in free.items():
-            for watch in list(self._watches.get(selector, ())):
-                watch.update(ids)
+        return free
+
+    @staticmethod
+    def _tell(watch: Watch, free: Sequence[str]) -> None:
+        try:
+            watch.update(free)
+        except Exception:
+            log.exception("telling a watcher about free devices failed", selector=watch.selector)

@@ -8,6 +8,8 @@ from datetime import datetime
 from icefarm_control.domain.errors import InvalidArgument
 from icefarm_control.domain.settings import Limits
 
+NOT_OURS = "not a token this server issued"
+
 
 def page_size(requested: int, limits: Limits) -> int:
     """The page size to use: the default for 0, capped at the maximum."""
@@ -22,10 +24,15 @@ def encode_time_token(time: datetime, key: str) -> str:
 
 
 def decode_time_token(token: str) -> tuple[datetime, str] | None:
+    """The (time, key) a token of `encode_time_token` holds; InvalidArgument naming page_token
+    for anything else (a naive or garbled time would otherwise reach the database)."""
     if not token:
         return None
     try:
         time_text, key = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(time_text), key
+        time = datetime.fromisoformat(time_text)
     except ValueError as exc:
-        raise InvalidArgument("page_token", "not a token this server issued") from exc
+        raise InvalidArgument("page_token", NOT_OURS) from exc
+    if time.tzinfo is None or time.utcoffset() is None or not key.isprintable():
+        raise InvalidArgument("page_token", NOT_OURS)
+    return time, key

@@ -4,6 +4,7 @@ bearer tokens and roles without touching the domain."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import grpc
 from icefarm_control.domain.errors import Unauthenticated
 
 CLIENT_ID_HEADER = "icefarm-client-id"
-_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_CLIENT_ID = re.compile(r"[\x21-\x7e]{1,256}")
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,17 @@ class Caller:
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, required: bool) -> Caller:
     """The caller's identity from metadata; Unauthenticated when required and missing."""
-    metadata = context.invocation_metadata() or ()
+    return Caller(client_id=client_id_from(context.invocation_metadata() or (), required=required))
+
+
+def client_id_from(metadata: Iterable[tuple[str, Any]], *, required: bool) -> str:
+    """The client id in `metadata` ("" when absent and not required). The whole value must be
+    printable ASCII: a trailing newline or a NUL never becomes part of an owner's name."""
     client_id = next((str(v) for k, v in metadata if k == CLIENT_ID_HEADER), "")
     if not client_id:
         if required:
             raise Unauthenticated(f"send your client id in the {CLIENT_ID_HEADER!r} metadata")
-        return Caller(client_id="")
-    if not _CLIENT_ID.match(client_id):
+        return ""
+    if not _CLIENT_ID.fullmatch(client_id):
         raise Unauthenticated(f"{CLIENT_ID_HEADER} must be 1-256 printable ASCII characters")
-    return Caller(client_id=client_id)
+    return client_id

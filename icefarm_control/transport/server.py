@@ -15,12 +15,12 @@ from icefarm.v1 import (
 )
 from icefarm_control.transport.control import ControlServicer
 from icefarm_control.transport.reservations import ReservationServicer
+from icefarm_control.transport.validation import validated
 
 MAX_MESSAGE_BYTES = 1024 * 1024
-SERVICE_NAMES = (
-    reservation_service_pb2.DESCRIPTOR.services_by_name["ReservationService"].full_name,
-    control_service_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
-)
+RESERVATION_SERVICE = reservation_service_pb2.DESCRIPTOR.services_by_name["ReservationService"]
+CONTROL_SERVICE = control_service_pb2.DESCRIPTOR.services_by_name["ControlService"]
+SERVICE_NAMES = (RESERVATION_SERVICE.full_name, CONTROL_SERVICE.full_name)
 
 SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES, 16 * MAX_MESSAGE_BYTES)
 
@@ -32,10 +32,15 @@ class BindError(RuntimeError):
 def build_server(
     reservations: ReservationServicer, control: ControlServicer, listen: str
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A server with every service added and bound to `listen`; returns it and its port."""
+    """A server with every service added and bound to `listen`; returns it and its port.
+    Every request message passes the edge check (transport/validation.py) first."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    reservation_service_pb2_grpc.add_ReservationServiceServicer_to_server(reservations, server)
-    control_service_pb2_grpc.add_ControlServiceServicer_to_server(control, server)
+    reservation_service_pb2_grpc.add_ReservationServiceServicer_to_server(
+        validated(reservations, RESERVATION_SERVICE), server
+    )
+    control_service_pb2_grpc.add_ControlServiceServicer_to_server(
+        validated(control, CONTROL_SERVICE), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))

@@ -1,5 +1,5 @@
-"""What the long-lived streams share: how a failure becomes a status, and how a database call
-survives the stream being cancelled under it."""
+"""What the long-lived streams share: how a failure becomes a status (the same function as for
+unary calls), and how a database call survives the stream being cancelled under it."""
 
 from __future__ import annotations
 
@@ -7,27 +7,11 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import grpc
-from sqlalchemy.exc import DBAPIError
+from icefarm_control.transport.errors import failure_status
 
-from icefarm_control.domain.errors import IcefarmDomainError, Reason
-from icefarm_control.transport.errors import domain_status, internal_error_status, to_status
+__all__ = ["failure_status", "to_completion"]
 
 T = TypeVar("T")
-
-
-def failure_status(error: Exception, rpc: str) -> grpc.Status:
-    """A stream's failure as a status (call inside the `except` that caught it: an
-    unexpected error is logged with its traceback and an incident id)."""
-    if isinstance(error, IcefarmDomainError):
-        return domain_status(error)
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return to_status(
-            grpc.StatusCode.UNAVAILABLE,
-            "the control lost its database connection; reconnect",
-            Reason.SHUTTING_DOWN.value,
-        )
-    return internal_error_status(rpc)
 
 
 async def to_completion(call: Coroutine[Any, Any, T]) -> T:

@@ -20,10 +20,11 @@ import structlog
 
 from icefarm.v1 import control_service_pb2 as pb
 from icefarm_control.domain.errors import (
-    FailedPrecondition,
     IcefarmDomainError,
+    Internal,
     InvalidArgument,
     Reason,
+    Unavailable,
 )
 from icefarm_control.domain.workers import Session, SessionExpired, WorkerRegistry
 from icefarm_control.notifier import Flag, Notifier, Subscription
@@ -32,7 +33,9 @@ from icefarm_control.transport import convert, worker_messages
 from icefarm_control.transport.errors import (
     abort,
     domain_status,
-    internal_error_status,
+    failure_status,
+    is_database_unreachable,
+    is_transaction_conflict,
     to_status,
 )
 
@@ -44,6 +47,9 @@ Requests = AsyncIterator[pb.WorkerSessionRequest]
 # jittered: a thousand idle workers must not turn into a steady stream of queries.
 POLL_SECONDS = 30.0
 BATCH = 100
+# A message that lost a deadlock is tried again this often before the stream ends (the worker
+# then registers again with its whole state, so nothing it reported is lost).
+CONFLICT_ATTEMPTS = 3
 
 
 class WorkerSessionHandler:
@@ -69,8 +75,8 @@ class WorkerSessionHandler:
         except IcefarmDomainError as error:
             log.info("worker session refused", worker=register.name, reason=error.reason.value)
             await abort(context, domain_status(error))
-        except Exception:
-            await abort(context, internal_error_status("WorkerSession"))
+        except Exception as error:
+            await abort(context, failure_status(error, "WorkerSession"))
         finished = Flag()
         try:
             yield pb.WorkerSessionResponse(
@@ -133,6 +139,8 @@ class WorkerSessionHandler:
             )
         except StopAsyncIteration:
             await abort(context, _protocol_error("the stream closed before Register"))
+        except Exception as error:  # the edge check refused the first message, or the stream broke
+            await abort(context, failure_status(error, "WorkerSession"))
         if first.WhichOneof("kind") != "register":
             await abort(context, _protocol_error("the first message must be Register"))
         return first.register
@@ -150,7 +158,7 @@ class WorkerSessionHandler:
                 raise _Ended(domain_status(error)) from error
             except Exception as error:
                 # The worker reconnects and gets everything again (nothing was marked SENT).
-                raise _Ended(internal_error_status("WorkerSession")) from error
+                raise _Ended(failure_status(error, "WorkerSession")) from error
             for row in commands:
                 message = worker_messages.command(row)
                 if message is not None:
@@ -164,30 +172,34 @@ class WorkerSessionHandler:
         """Handle what the worker sends until it closes its side; the status to end with."""
         try:
             async for request in iterator:
-                try:
-                    # A message received is handled whole even if the stream is cancelled
-                    # meanwhile (never a transaction cut off halfway by a disconnect).
-                    await asyncio.shield(self._dispatch(session, request))
-                except (InvalidArgument, FailedPrecondition) as error:
-                    # One bad message (a report the state table forbids, a malformed field)
-                    # must not cut off a worker that runs many boards: it is refused, with
-                    # nothing applied, and logged; the stream goes on.
-                    log.warning(
-                        "worker message refused",
-                        worker=session.worker,
-                        kind=request.WhichOneof("kind"),
-                        reason=error.reason.value,
-                        error=error.message,
-                    )
+                ending = await self._handle(session, request)
+                if ending is not None:
+                    return ending
             return None
-        except IcefarmDomainError as error:
-            return domain_status(error)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            return internal_error_status("WorkerSession")
+        except Exception as error:
+            return failure_status(error, "WorkerSession")
         finally:
             wake.event.set()
+
+    async def _handle(
+        self, session: Session, request: pb.WorkerSessionRequest
+    ) -> grpc.Status | None:
+        """Apply one message; the status to end the stream with, or None to go on."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                # A message received is handled whole even if the stream is cancelled
+                # meanwhile (never a transaction cut off halfway by a disconnect).
+                await asyncio.shield(self._dispatch(session, request))
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if is_transaction_conflict(error) and attempt < CONFLICT_ATTEMPTS:
+                    continue
+                return _refuse(session, request, error)
+        return None
 
     async def _dispatch(self, session: Session, request: pb.WorkerSessionRequest) -> None:
         kind = request.WhichOneof("kind")
@@ -233,6 +245,29 @@ _SHUTTING_DOWN = to_status(
     "the control is shutting down; reconnect",
     Reason.SHUTTING_DOWN.value,
 )
+
+
+def _refuse(
+    session: Session, request: pb.WorkerSessionRequest, error: Exception
+) -> grpc.Status | None:
+    """Only a session that is over or a database out of reach ends the stream (the worker
+    registers again with its whole state, so nothing it reported is lost). Any other failure
+    refuses this one message, with nothing applied, and is logged: one bad report must not cut
+    off a worker that runs many boards. Call inside the `except` that caught `error`."""
+    over = isinstance(error, Unavailable)
+    if over or is_database_unreachable(error) or is_transaction_conflict(error):
+        return failure_status(error, "WorkerSession")
+    if isinstance(error, IcefarmDomainError) and not isinstance(error, Internal):
+        log.warning(
+            "worker message refused",
+            worker=session.worker,
+            kind=request.WhichOneof("kind"),
+            reason=error.reason.value,
+            error=error.message,
+        )
+    else:
+        failure_status(error, "WorkerSession")  # a bug: logged with its traceback and incident
+    return None
 
 
 def _protocol_error(message: str) -> grpc.Status:
