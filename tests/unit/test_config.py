@@ -164,6 +164,6 @@ def test_a_token_key_shorter_than_16_characters_is_an_error_naming_the_setting()
         resolve(serve_args(), environ={"ICEFARM_TOKEN_KEY": "short"})
 
 
-def test_an_empty_token_key_means_a_random_key_per_process() -> None:
+def test_an_empty_token_key_means_the_key_kept_in_the_database() -> None:
     assert resolve(serve_args("--token-key", ""), environ={}).token_key == ""
     assert resolve(serve_args("--token-key", "k" * 16), environ={}).token_key == "k" * 16
