@@ -20,7 +20,7 @@ from icefarm_control.domain.inventory import Inventory
 from icefarm_control.domain.liveness import WorkerLiveness
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits
-from icefarm_control.domain.tokens import SigningKeyMismatch, load_signer
+from icefarm_control.domain.tokens import load_signer
 from icefarm_control.domain.workers import WorkerRegistry
 from icefarm_control.notifier import (
     Notifier,
@@ -84,7 +84,7 @@ class ControlApp:
         try:
             # The key every replica of this database signs with (domain/tokens.py).
             signer = await load_signer(self.database, self.config.token_key, clock)
-        except SigningKeyMismatch:
+        except ValueError:  # SigningKeyMismatch, or a stored key that is not one: exit cleanly
             await self.database.dispose()
             raise
         self.notifier = Notifier()
