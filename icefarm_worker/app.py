@@ -24,6 +24,7 @@ from icefarm_worker.access import Access
 from icefarm_worker.backends import Hardware, open_hardware
 from icefarm_worker.commands import CommandHandler
 from icefarm_worker.config import WorkerConfig
+from icefarm_worker.evaluation import MAX_BITSTREAM_BYTES
 from icefarm_worker.fleet import Fleet
 from icefarm_worker.lifecycle import Timeouts
 from icefarm_worker.service import WorkerServicer
@@ -31,8 +32,10 @@ from icefarm_worker.session import ControlSession, Identity
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-# Bitstreams are ~104 KB; leave room for bigger images and modes.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# The largest request is an EvaluateRequest: one bitstream plus its id and device id (room
+# for those and the framing). A bigger message is refused by gRPC (RESOURCE_EXHAUSTED) before
+# it is read whole; one between the two limits is INVALID_ARGUMENT naming bitstream.data.
+MAX_MESSAGE_BYTES = MAX_BITSTREAM_BYTES + 64 * 1024
 SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
 
 
@@ -135,7 +138,10 @@ class WorkerApp:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         # Export answers with the advertised host, known once the port is bound.
         self.servicer = WorkerServicer(
-            self.access, "", hw.usbip.port if hw.usbip is not None else None
+            self.access,
+            "",
+            hw.usbip.port if hw.usbip is not None else None,
+            self.config.evaluate_queue_per_board,
         )
         worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, server)
         self._health = health.aio.HealthServicer()

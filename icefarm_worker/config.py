@@ -67,6 +67,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number ≥ 1")
+    return value
+
+
 def _name(text: str) -> str:
     if not re.fullmatch(r"[\x21-\x7e]{1,128}", text):
         raise ValueError("must be 1-128 printable ASCII characters without spaces")
@@ -117,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("test_timeout", parse_seconds, "how long the default firmware has to answer"),
     Setting("ready_timeout", parse_seconds, "how long a mode's firmware has to answer"),
     Setting("evaluate_timeout", parse_seconds, "how long one bitstream may take"),
+    Setting(
+        "evaluate_queue_per_board",
+        _positive,
+        "most bitstreams an Evaluate stream may have on this worker per board it holds "
+        "(queued, running or result unsent); past it the worker reads no more from the stream",
+    ),
     Setting("drain_timeout", parse_seconds, "longest wait for reservations when draining"),
     Setting("reconnect_max", parse_seconds, "longest pause between reconnect attempts"),
     Setting("pid_file", str, "write the process id here (for `icefarm-worker drain`)"),
@@ -142,6 +155,8 @@ class WorkerConfig:
     test_timeout: float = 10.0
     ready_timeout: float = 10.0
     evaluate_timeout: float = 10.0
+    # Twice the client library's default of 2 per board, so its boards never wait on the bound.
+    evaluate_queue_per_board: int = 4
     drain_timeout: float = 900.0
     reconnect_max: float = 30.0
     pid_file: str = ""

@@ -7,6 +7,12 @@ the bitstream is tried again; a board that fails again right after its reboot, o
 fails, is BROKEN (reported to the control, which tells the holder) and its queue moves to the
 other boards. A bitstream that still cannot run comes back as a failed result: the stream
 itself never dies of a board.
+
+A stream holds at most `limit` bitstreams in the worker at once, counted from when one is read
+off the stream until its result has been handed to gRPC: queued, running and unsent results
+alike. The reader waits for room (`room()`) before it reads again, so a client that sends
+faster than the boards run, or never reads its results, is held back by gRPC flow control
+instead of growing the worker.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from icefarm_worker.modes.base import EvaluationFailed, Measurement
 log = structlog.get_logger(__name__)
 # A bitstream is tried at most this often (on one board, after its reboot, then elsewhere).
 MAX_ATTEMPTS = 3
+# The largest bitstream accepted (an iCE40UP5K image is 104090 bytes; room for bigger parts).
+MAX_BITSTREAM_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -49,8 +57,13 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 class EvaluationRun:
     """The queues and runners of one Evaluate stream."""
 
-    def __init__(self, boards: list[BoardLifecycle], reservation_id: str) -> None:
+    def __init__(self, boards: list[BoardLifecycle], reservation_id: str, limit: int) -> None:
         self.reservation_id = reservation_id
+        self.limit = max(1, limit)
+        # Read off the stream and not yet handed to gRPC as a result; the most there ever was.
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._room = asyncio.Event()
         self.boards = {b.device_id: b for b in boards}
         self.live: set[str] = set(self.boards)
         self.own: dict[str, deque[Job]] = {d: deque() for d in self.boards}
@@ -70,7 +83,15 @@ class EvaluationRun:
     def submit(self, bitstream: wpb.Bitstream) -> None:
         """Queue a bitstream (on its board, or for any board)."""
         self.pending += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self._route(Job(bitstream, time.monotonic()))
+
+    async def room(self) -> None:
+        """Until the stream may hold another bitstream."""
+        while self.in_flight >= self.limit:
+            self._room.clear()
+            await self._room.wait()
 
     def finish_input(self) -> None:
         """The client sent its last bitstream: end once every result is out."""
@@ -86,6 +107,9 @@ class EvaluationRun:
         """Each result as it exists, until the last one (or `end()`)."""
         while (result := await self._results.get()) is not None:
             yield result
+            # Resumed once gRPC has taken the result: its bitstream leaves the count.
+            self.in_flight -= 1
+            self._room.set()
 
     async def stop(self) -> None:
         """Cancel the runners (the stream is over)."""

@@ -28,7 +28,7 @@ from icefarm_worker.errors import (
     invalid_field,
     permission_denied,
 )
-from icefarm_worker.evaluation import EvaluationRun
+from icefarm_worker.evaluation import MAX_BITSTREAM_BYTES, EvaluationRun
 from icefarm_worker.hardware.base import HardwareError
 from icefarm_worker.lifecycle import HELD, BoardFailed, BoardLifecycle, NotHeld
 
@@ -57,10 +57,19 @@ def device_info(board: BoardLifecycle) -> wpb.DeviceInfo:
 class WorkerServicer(wpb_grpc.WorkerServiceServicer):
     """icefarm.v1.WorkerService for the holders of this worker's boards."""
 
-    def __init__(self, access: Access, export_host: str, usbip_port: int | None) -> None:
+    def __init__(
+        self,
+        access: Access,
+        export_host: str,
+        usbip_port: int | None,
+        queue_per_board: int = 4,
+    ) -> None:
         self.access = access
         self.export_host = export_host
         self.usbip_port = usbip_port
+        self.queue_per_board = queue_per_board
+        # The Evaluate streams being served (tests and diagnostics read their counts).
+        self.runs: set[EvaluationRun] = set()
 
     async def _held(self, context: Context, device_id: str) -> tuple[TokenClaims, BoardLifecycle]:
         try:
@@ -145,8 +154,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             log.info("evaluate refused", reason=error.reason, error=error.message)
             await abort(context, error)
         # Broken boards take no bitstreams; with none working, each gets a failed result.
-        run = EvaluationRun([b for b in boards if b.state in HELD], claims.reservation_id)
+        working = [b for b in boards if b.state in HELD]
+        limit = self.queue_per_board * max(1, len(working))
+        run = EvaluationRun(working, claims.reservation_id, limit)
         run.start()
+        self.runs.add(run)
         refused: list[ServiceError] = []
         reader = asyncio.create_task(self._read(request_iterator, run, claims, refused))
         try:
@@ -157,6 +169,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             await run.stop()
+            self.runs.discard(run)
         if refused:
             await abort(context, refused[0])
 
@@ -172,6 +185,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 bitstream = request.bitstream
                 self._check_bitstream(bitstream, run, claims)
                 run.submit(bitstream)
+                # Back-pressure: unread messages stay in gRPC's flow-control window.
+                await run.room()
         except ServiceError as error:
             refused.append(error)
             run.end()
@@ -188,6 +203,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             raise invalid_field("bitstream.id", "is required")
         if not bitstream.data:
             raise invalid_field("bitstream.data", "is empty")
+        if len(bitstream.data) > MAX_BITSTREAM_BYTES:
+            raise invalid_field(
+                "bitstream.data",
+                f"is {len(bitstream.data)} bytes; at most {MAX_BITSTREAM_BYTES} are accepted",
+            )
         device_id = bitstream.device_id
         if device_id and device_id not in run.boards:
             # Unknown or not the caller's: refused. Held but broken (or readied after the

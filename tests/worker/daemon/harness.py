@@ -66,10 +66,13 @@ async def simulated_worker(
     root: Path,
     count: int,
     faults: dict[str, Fault | FaultSpec] | None = None,
+    *,
+    circuit_seconds: float = 0.0,
     **changes: Any,
 ) -> AsyncIterator[tuple[WorkerApp, SimulatedFarm]]:
-    """The real worker on `count` simulated boards; stopped (and the farm with it) at the end."""
-    farm = SimulatedFarm(count, root, faults, watchdog=0.5)
+    """The real worker on `count` simulated boards (each evaluation taking `circuit_seconds`
+    once received); stopped (and the farm with it) at the end."""
+    farm = SimulatedFarm(count, root, faults, watchdog=0.5, circuit_seconds=circuit_seconds)
     await farm.start()
     hardware = Hardware(farm.discovery, farm.board, farm.usbip, farm.firmware_paths())
     app = WorkerApp(worker_config(control_address, **changes), hardware)

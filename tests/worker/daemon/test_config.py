@@ -99,3 +99,14 @@ def test_simulate_root_replaces_simulate(tmp_path: Path) -> None:
         resolve(parse("--simulate-root", str(tmp_path), "--simulate", "2"), {})
     with pytest.raises(ConfigError, match="simulate_circuit_time"):
         resolve(parse("--simulate-root", str(tmp_path), "--simulate-circuit-time", "1"), {})
+
+
+def test_the_evaluate_queue_per_board_is_at_least_one_and_fits_the_clients_default() -> None:
+    # The client library keeps 2 bitstreams per board in flight by default (farm.evaluate).
+    assert WorkerConfig().evaluate_queue_per_board >= 2
+    config = resolve(parse("--simulate", "2", "--evaluate-queue-per-board", "8"), {})
+    assert config.evaluate_queue_per_board == 8
+    environ = {"ICEFARM_WORKER_EVALUATE_QUEUE_PER_BOARD": "3"}
+    assert resolve(parse("--simulate", "2"), environ).evaluate_queue_per_board == 3
+    with pytest.raises(ConfigError, match="evaluate-queue-per-board"):
+        resolve(parse("--simulate", "2", "--evaluate-queue-per-board", "0"), {})
