@@ -47,13 +47,15 @@ def device_state(value: str) -> types_pb2.DeviceState.ValueType:
     return types_pb2.DeviceState.Value(f"DEVICE_STATE_{value}")
 
 
-def parse_device_state(value: types_pb2.DeviceState.ValueType) -> DeviceState | None:
+def parse_device_state(
+    value: types_pb2.DeviceState.ValueType, field: str = "state"
+) -> DeviceState | None:
     if value == types_pb2.DEVICE_STATE_UNSPECIFIED:
         return None
     try:
         name = types_pb2.DeviceState.Name(value)
     except ValueError as exc:
-        raise InvalidArgument("state", f"unknown device state {value}") from exc
+        raise InvalidArgument(field, f"unknown device state {value}") from exc
     return DeviceState(name.removeprefix("DEVICE_STATE_"))
 
 

@@ -17,11 +17,12 @@ from icefarm_control.transport.convert import duration, parse_device_state
 log = structlog.get_logger(__name__)
 
 
-def device_report(update: pb.DeviceUpdate) -> DeviceReport:
+def device_report(update: pb.DeviceUpdate, field: str = "device_update") -> DeviceReport:
+    """The report in `update`; `field` is where it sits in the message (for errors)."""
     return DeviceReport(
         device_id=update.device_id,
         kind=update.kind,
-        state=parse_device_state(update.state),
+        state=parse_device_state(update.state, f"{field}.state"),
         labels=dict(update.labels),
         properties=dict(update.properties),
         error=update.error,
@@ -37,7 +38,7 @@ def registration(register: pb.Register) -> Registration:
         version=register.version,
         modes=tuple(register.modes),
         labels=dict(register.labels),
-        devices=tuple(device_report(d) for d in register.devices),
+        devices=tuple(device_report(d, "register.devices") for d in register.devices),
     )
 
 

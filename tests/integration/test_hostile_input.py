@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -15,9 +16,13 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from icefarm.v1 import control_service_pb2 as cpb
+from icefarm.v1 import control_service_pb2_grpc
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2 as tpb
+from icefarm_control.domain.clock import SystemClock
+from icefarm_control.domain.inventory import Inventory
 from icefarm_control.storage.testing import seed_farm
+from icefarm_control.transport.control import ControlServicer
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.grpc_errors import bad_fields_of, reason_of
 from tests.integration.conftest import RunningControl, as_client
@@ -261,6 +266,48 @@ async def test_an_infinite_property_is_refused_and_a_following_update_applies(
     assert not worker.ended.is_set()
 
 
+@contextlib.asynccontextmanager
+async def without_edge_check(control: RunningControl) -> AsyncIterator[str]:
+    """The control's own WorkerSession handler on a second server with no edge check in front
+    (as a bug or a new kind of bad input would slip past it); yields that server's address."""
+    app = control.app
+    servicer = ControlServicer(
+        app.engine,
+        Inventory(app.database, app.engine, SystemClock(), app.engine.limits),
+        workers=app.workers,
+        worker_sessions=app.worker_sessions,
+    )
+    server = grpc.aio.server()
+    control_service_pb2_grpc.add_ControlServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_a_message_that_fails_past_the_edge_is_refused_alone_and_the_stream_goes_on(
+    fast: RunningControl,
+) -> None:
+    # PostgreSQL refuses to store the NUL: the one message fails, the stream must not.
+    async with without_edge_check(fast) as address:
+        worker = StandinWorker(address, "lab-a", 1)
+        await worker.start()
+        try:
+            board = worker.device_ids[0]
+            await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"room": "a\x00"})
+            await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"after": "1"})
+
+            async def applied() -> bool:
+                return (await device(fast, board)).labels.get("after") == "1"
+
+            await eventually(applied, what="the update after the failing one")
+            assert not worker.ended.is_set()
+        finally:
+            await worker.close()
+
+
 async def test_nan_still_removes_a_property(
     fast: RunningControl, workers: list[StandinWorker]
 ) -> None:
@@ -334,8 +381,13 @@ async def test_a_selector_whose_count_fails_does_not_silence_the_other_watches(
     # to count this selector at all. The others must still be counted and told.
     await seed_farm(pg_control.database, boards_per_worker=2)
     told: list[Sequence[str]] = []
+
+    def tell(free: Sequence[str]) -> bool:
+        told.append(free)
+        return True
+
     monitor = pg_control.app.sessions.monitor
-    bad = monitor.watch(NUL_SELECTOR, 1, lambda free: told.append(free) is None)
+    bad = monitor.watch(NUL_SELECTOR, 1, tell)
     try:
         bob = await SessionClient.open(pg_control.reservations, "bob")
         await bob.watch("", 2)
