@@ -19,16 +19,22 @@ from icefarm.v1 import control_service_pb2_grpc as cpb_grpc
 from icefarm.v1 import reservation_service_pb2_grpc as rpb_grpc
 from icefarm.v1 import worker_service_pb2_grpc as wpb_grpc
 from icefarm_client.connection import Settings
-from icefarm_client.errors import Source, translate
+from icefarm_client.errors import Source, reason_of, translate
 
 Response = TypeVar("Response")
 
 
 def _is_unavailable(error: BaseException) -> bool:
+    """Worth retrying: the control or its database is unreachable for a moment, or the call
+    lost a deadlock (ABORTED, reason CONFLICT: nothing was committed)."""
     if not isinstance(error, grpc.RpcError):
         return False
     code = getattr(error, "code", None)
-    return callable(code) and code() is grpc.StatusCode.UNAVAILABLE
+    if not callable(code):
+        return False
+    if code() is grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code() is grpc.StatusCode.ABORTED and reason_of(error) == "CONFLICT"
 
 
 class CallBase:

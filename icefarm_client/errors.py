@@ -217,6 +217,11 @@ def _details(error: grpc.RpcError) -> _Details:
     return found
 
 
+def reason_of(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason a server attached to a failed call ("" when none)."""
+    return _details(error).reason
+
+
 def _count(metadata: dict[str, str], key: str) -> int | None:
     value = metadata.get(key, "")
     return int(value) if value.isdigit() else None

@@ -204,6 +204,27 @@ def test_unavailable_is_retried_then_succeeds() -> None:
         assert future.result(timeout=10).count == 1
 
 
+def test_a_lost_deadlock_is_retried_then_succeeds() -> None:
+    """ABORTED with reason CONFLICT: the control committed nothing, so the call goes again."""
+    channel = grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+    retry = ic.RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="CONFLICT", domain="icefarm.dev"))
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.ABORTED, message="deadlock; retry", details=[info])
+    )
+    with (
+        ic.Client(channel=channel, client_id="tester", retry=retry) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        future = pool.submit(client.availability)
+        _, _, rpc = channel.take_unary_unary(AVAILABILITY)
+        rpc.terminate(None, status.trailing_metadata, status.code, status.details)
+        _, _, rpc = channel.take_unary_unary(AVAILABILITY)
+        rpc.terminate(rpb.GetAvailabilityResponse(count=1), (), grpc.StatusCode.OK, "")
+        assert future.result(timeout=10).count == 1
+
+
 def test_other_codes_are_not_retried(scripted: tuple[ic.Client, grpc_testing.Channel]) -> None:
     client, _ = scripted
     retry = ic.RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)

@@ -203,7 +203,6 @@ BAD_RESERVES: list[tuple[str, dict[str, object], str]] = [
         "wait_timeout",
     ),
     ("absurd wait", {"count": 1, "wait_timeout": seconds(400 * 86400)}, "wait_timeout"),
-    ("unknown device id", {"device_ids": ["board-0-000", "no-such-board"]}, "device_ids"),
     ("duplicate device id", {"device_ids": ["board-0-000", "board-0-000"]}, "device_ids"),
     ("oversized device list", {"device_ids": [f"d{i}" for i in range(5000)]}, "device_ids"),
     ("count and ids", {"count": 3, "device_ids": ["board-0-000"]}, "count"),
@@ -234,6 +233,18 @@ async def test_bad_reserve_is_invalid_argument_naming_the_field_and_writes_nothi
         rpb.ListReservationsRequest(include_ended=True), metadata=as_client("alice")
     )
     assert list(listed.reservations) == []
+
+
+async def test_reserving_an_unknown_device_is_not_found_and_writes_nothing(
+    control: RunningControl,
+) -> None:
+    await seed_farm(control.database, boards_per_worker=2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(control, "alice", device_ids=["board-0-000", "no-such-board"])
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason_of(caught.value) == "DEVICE_NOT_FOUND"
+    assert "no-such-board" in (caught.value.details() or "")
+    assert await free_count(control) == 2
 
 
 async def test_selector_errors_name_the_position(control: RunningControl) -> None:
