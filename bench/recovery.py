@@ -23,16 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icefarm.logs import configure_logging  # noqa: E402
-from tests.conftest import create_pg_database, drop_pg_database  # noqa: E402
-from tests.integration.recovery import (  # noqa: E402
+from icefarm.logs import configure_logging
+from tests.conftest import create_pg_database, drop_pg_database
+from tests.integration.recovery import (
     free_port,
     seconds_until_reserved,
     standin_worker,
     start_control,
     stop_control,
 )
-from tests.pg_cluster import private_cluster  # noqa: E402
+from tests.pg_cluster import private_cluster
 
 BOARDS = 2
 DEADLINE = 60.0

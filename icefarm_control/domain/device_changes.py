@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -72,17 +73,34 @@ async def end_holds_in(
     return freed
 
 
-async def store_report(
-    conn: AsyncConnection,
+@dataclass(frozen=True)
+class DeviceChange:
+    """A device row written in this transaction: its state before (None: a new device, or
+    not read) and after."""
+
+    device_id: str
+    before: DeviceState | None
+    after: DeviceState
+
+
+@dataclass(frozen=True)
+class DeviceWrite:
+    """What a report changes in a device row (`values`), and the change it records."""
+
+    change: DeviceChange
+    exists_already: bool
+    values: dict[str, Any]
+
+
+def plan_report(
     worker: str,
     existing: DeviceRow | None,
     report: DeviceReport,
     state: DeviceState | None,
     now: datetime,
-) -> bool:
-    """Write what the report changes (labels and properties merge; `state` None keeps the
-    state) and record the events it causes. Nothing changed, nothing written. True when the
-    device became free (the queue may be served after the commit)."""
+) -> DeviceWrite | None:
+    """What the report changes (labels and properties merge; `state` None keeps the state);
+    None when nothing changes."""
     if existing is None:
         if not report.kind:
             raise InvalidArgument("device_update.kind", "is required for a new device")
@@ -97,17 +115,38 @@ async def store_report(
             "error": report.error if new_state == DeviceState.BROKEN else "",
             "reset_on_release": report.reset_on_release,
         }
-        await wq.write_device(conn, report.device_id, exists_already=False, values=values)
-        return await _record_change(conn, report.device_id, None, new_state, now)
+        return DeviceWrite(DeviceChange(report.device_id, None, new_state), False, values)
     current = DeviceState(existing.state)
     new_state = state or current
     values = _changed_values(existing, worker, report, new_state)
     if new_state != current:
         values.update(state=new_state.value, state_time=now)
     if not values:
-        return False
-    await wq.write_device(conn, existing.id, exists_already=True, values=values)
-    return await _record_change(conn, existing.id, current, new_state, now)
+        return None
+    return DeviceWrite(DeviceChange(existing.id, current, new_state), True, values)
+
+
+async def write_planned(conn: AsyncConnection, writes: Sequence[DeviceWrite]) -> list[DeviceChange]:
+    """Write the planned device rows (a few statements for the whole batch); their changes,
+    whose events the caller records (record_changes)."""
+    await wq.write_devices(conn, [(w.change.device_id, w.exists_already, w.values) for w in writes])
+    return [w.change for w in writes]
+
+
+async def store_report(
+    conn: AsyncConnection,
+    worker: str,
+    existing: DeviceRow | None,
+    report: DeviceReport,
+    state: DeviceState | None,
+    now: datetime,
+) -> DeviceChange | None:
+    """Write what one report changes at once (plan_report); None when nothing changed."""
+    write = plan_report(worker, existing, report, state, now)
+    if write is None:
+        return None
+    (change,) = await write_planned(conn, [write])
+    return change
 
 
 def _changed_values(
@@ -150,7 +189,7 @@ async def break_device(
     values = {"state": DeviceState.BROKEN.value, "state_time": now, "error": error}
     await wq.write_device(conn, device_id, exists_already=True, values=values)
     log.warning("device broken", device=device_id, error=error)
-    await _record_change(conn, device_id, current, DeviceState.BROKEN, now)
+    await record_changes(conn, [DeviceChange(device_id, current, DeviceState.BROKEN)], now)
     return device
 
 
@@ -163,33 +202,43 @@ async def device_changed(conn: AsyncConnection, device_id: str, now: datetime) -
     return device
 
 
-async def _record_change(
-    conn: AsyncConnection,
-    device_id: str,
-    before: DeviceState | None,
-    after_state: DeviceState,
-    now: datetime,
+async def record_changes(
+    conn: AsyncConnection, changes: Sequence[DeviceChange], now: datetime
 ) -> bool:
-    """The events of one change; True when the device became free."""
-    device = await device_changed(conn, device_id, now)
-    if after_state == before:
+    """The events of the changes written in this transaction: the operators'
+    `device_changed` for each (in one insert), the holder's `device_ready`/`device_failed`.
+    True when a device became free (the caller serves the queue after its commit)."""
+    if not changes:
         return False
-    freed = after_state == DeviceState.AVAILABLE
-    if freed:
-        outbox.touch(conn, outbox.DEVICES)
+    rows = await wq.get_devices(conn, [c.device_id for c in changes])
+    payloads = [events.device_changed(rows[c.device_id]) for c in changes]
+    await outbox.append_events(conn, outbox.OPERATOR, EventType.DEVICE_CHANGED, payloads, now)
+    freed = False
+    for change in changes:
+        if change.after == change.before:
+            continue
+        if change.after == DeviceState.AVAILABLE:
+            freed = True
+            outbox.touch(conn, outbox.DEVICES)
+        await _tell_holder(conn, rows[change.device_id], change.after, now)
+    return freed
+
+
+async def _tell_holder(
+    conn: AsyncConnection, device: DeviceRow, state: DeviceState, now: datetime
+) -> None:
     if device.reservation_id is None:
-        return freed
+        return
     holder = outbox.client_audience(device.holder)
-    if after_state == DeviceState.READY:
+    if state == DeviceState.READY:
         payload = events.device_ready(
             reservation_id=device.reservation_id,
-            device_id=device_id,
+            device_id=device.id,
             worker_endpoint=device.worker_endpoint,
         )
         await outbox.append_event(conn, holder, EventType.DEVICE_READY, payload, now)
-    elif after_state == DeviceState.BROKEN:
+    elif state == DeviceState.BROKEN:
         payload = events.device_failed(
-            reservation_id=device.reservation_id, device_id=device_id, error=device.error
+            reservation_id=device.reservation_id, device_id=device.id, error=device.error
         )
         await outbox.append_event(conn, holder, EventType.DEVICE_FAILED, payload, now)
-    return freed

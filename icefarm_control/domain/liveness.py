@@ -18,15 +18,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.device_changes import (
+    DeviceChange,
     break_device,
-    device_changed,
     end_holds_in,
+    record_changes,
     write_retrying,
 )
 from icefarm_control.domain.events import CommandType, EventType
 from icefarm_control.domain.reservations import ReservationEngine
 from icefarm_control.domain.settings import Limits, Timers
-from icefarm_control.domain.states import EndReason, WorkerState
+from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.storage import outbox
 from icefarm_control.storage import worker_queries as wq
 from icefarm_control.storage.database import Database
@@ -96,8 +97,9 @@ async def take_devices_offline(
             ):
                 return
             taken = await wq.take_devices_offline(conn, session.name, now, batch)
-            for device_id in taken:
-                await device_changed(conn, device_id, now)
+            await record_changes(
+                conn, [DeviceChange(d, None, DeviceState.OFFLINE) for d in taken], now
+            )
         if len(taken) < batch:
             return
 

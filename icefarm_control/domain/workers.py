@@ -21,9 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.device_changes import (
+    DeviceWrite,
     break_device,
     end_holds_in,
+    plan_report,
+    record_changes,
     store_report,
+    write_planned,
     write_retrying,
 )
 from icefarm_control.domain.device_reports import (
@@ -260,7 +264,7 @@ class WorkerRegistry:
         prepares = _command_keys(unanswered, CommandType.PREPARE_DEVICE)
         releases = _command_keys(unanswered, CommandType.RELEASE_DEVICE)
         ends: dict[EndReason, list[str]] = defaultdict(list)
-        freed = False
+        writes: list[DeviceWrite] = []
         for report in reports:
             device = existing.get(report.device_id)
             holder = device.reservation_id if device else None
@@ -270,10 +274,12 @@ class WorkerRegistry:
                 judgement = judge_reconnect(
                     _known(device), report, prepare_pending=(report.device_id, holder) in prepares
                 )
-                freed |= await store_report(conn, worker, device, report, judgement.state, now)
+                write = plan_report(worker, device, report, judgement.state, now)
             except (FailedPrecondition, InvalidArgument) as error:
                 log.warning("device not reconciled", worker=worker, error=error.message)
                 continue
+            if write is not None:
+                writes.append(write)
             if judgement.end_hold is not None:
                 ends[judgement.end_hold].append(report.device_id)
             stale = judgement.release_reservation
@@ -287,6 +293,7 @@ class WorkerRegistry:
                     now,
                     device_id=report.device_id,
                 )
+        freed = await record_changes(conn, await write_planned(conn, writes), now)
         return await end_holds_in(conn, self.engine, ends) or freed
 
     async def _remove_missing(
@@ -296,13 +303,16 @@ class WorkerRegistry:
         worker, now = session.worker, self.clock.now()
         await self._require_generation(conn, session)
         ends: dict[EndReason, list[str]] = defaultdict(list)
+        writes: list[DeviceWrite] = []
         for device in (await wq.lock_devices(conn, device_ids)).values():
             if device.worker != worker or device.state == DeviceState.REMOVED:
                 continue  # moved to another worker or removed meanwhile
             gone = DeviceReport(device.id, state=DeviceState.REMOVED)
-            await store_report(conn, worker, device, gone, DeviceState.REMOVED, now)
+            write = plan_report(worker, device, gone, DeviceState.REMOVED, now)
+            writes.extend([write] if write else [])
             if device.reservation_id is not None:
                 ends[EndReason.DEVICE_REMOVED].append(device.id)
+        await record_changes(conn, await write_planned(conn, writes), now)
         return await end_holds_in(conn, self.engine, ends)
 
     async def end_session(self, session: Session) -> None:
@@ -355,7 +365,8 @@ class WorkerRegistry:
             _check_move(existing, session.worker)
         judgement = judge_update(_known(existing), report)
         now = self.clock.now()
-        freed = await store_report(conn, session.worker, existing, report, judgement.state, now)
+        change = await store_report(conn, session.worker, existing, report, judgement.state, now)
+        freed = await record_changes(conn, [change] if change else [], now)
         ends = {judgement.end_hold: [report.device_id]} if judgement.end_hold else {}
         return await end_holds_in(conn, self.engine, ends) or freed
 

@@ -115,6 +115,59 @@ async def append_event(
     return sequence
 
 
+async def append_events(
+    conn: AsyncConnection,
+    audience: str,
+    type_: str,
+    payloads: Sequence[dict[str, Any]],
+    now: datetime,
+) -> None:
+    """Append several events of one type for one audience in two statements (one counter
+    bump, one insert): what a batch of device changes costs instead of two per device."""
+    if not payloads:
+        return
+    rows: list[dict[str, Any]]
+    if audience == OPERATOR and conn.dialect.name == "postgresql":
+        rows = [
+            {
+                "audience": audience,
+                "sequence": None,
+                "type": type_,
+                "payload": p,
+                "create_time": now,
+            }
+            for p in payloads
+        ]
+        await conn.execute(insert(events), rows)
+        touch(conn, UNSEQUENCED)
+        return
+    count = len(payloads)
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(event_sequences)
+        .values(audience=audience, last_sequence=count)
+        .on_conflict_do_update(
+            index_elements=[event_sequences.c.audience],
+            set_={"last_sequence": event_sequences.c.last_sequence + count},
+        )
+        .returning(event_sequences.c.last_sequence)
+    )
+    last: int = (await conn.execute(statement)).scalar_one()
+    first = last - count + 1
+    rows = [
+        {
+            "audience": audience,
+            "sequence": first + i,
+            "type": type_,
+            "payload": payload,
+            "create_time": now,
+        }
+        for i, payload in enumerate(payloads)
+    ]
+    await conn.execute(insert(events), rows)
+    touch(conn, audience)
+
+
 async def events_after(
     conn: AsyncConnection, audience: str, after: int, limit: int = 500
 ) -> list[EventRow]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import bindparam, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -387,6 +387,14 @@ async def worker_devices(conn: AsyncConnection, worker: str) -> list[DeviceRow]:
     return [device_row(r) for r in await conn.execute(query)]
 
 
+async def get_devices(conn: AsyncConnection, device_ids: Sequence[str]) -> dict[str, DeviceRow]:
+    """The devices (those that exist) as they are now, by id."""
+    if not device_ids:
+        return {}
+    query = device_select().where(devices.c.id.in_(sorted(set(device_ids))))
+    return {r.id: device_row(r) for r in await conn.execute(query)}
+
+
 async def lock_devices(conn: AsyncConnection, device_ids: Sequence[str]) -> dict[str, DeviceRow]:
     """Lock the devices (those that exist) and the reservations holding them, reservations
     first: the order a release takes them in (it locks its reservation, then frees the
@@ -431,6 +439,29 @@ async def lock_devices(conn: AsyncConnection, device_ids: Sequence[str]) -> dict
 async def lock_device(conn: AsyncConnection, device_id: str) -> DeviceRow | None:
     """Lock one device and the reservation holding it (see lock_devices)."""
     return (await lock_devices(conn, [device_id])).get(device_id)
+
+
+async def write_devices(
+    conn: AsyncConnection, writes: Sequence[tuple[str, bool, dict[str, Any]]]
+) -> None:
+    """Insert or update many devices, each (id, exists already, columns to set): one
+    executemany per set of columns, not a round trip per device."""
+    inserts = [{"id": device_id, **values} for device_id, exists_already, values in writes
+               if not exists_already]  # fmt: skip
+    if inserts:
+        await conn.execute(devices.insert(), inserts)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for device_id, exists_already, values in writes:
+        if exists_already:
+            row = {"b_id": device_id, **{f"b_{k}": v for k, v in values.items()}}
+            groups.setdefault(tuple(sorted(values)), []).append(row)
+    for columns, rows in groups.items():
+        statement = (
+            update(devices)
+            .where(devices.c.id == bindparam("b_id"))
+            .values({c: bindparam(f"b_{c}", type_=devices.c[c].type) for c in columns})
+        )
+        await conn.execute(statement, rows)
 
 
 async def write_device(

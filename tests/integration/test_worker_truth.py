@@ -316,8 +316,8 @@ async def test_a_register_with_more_devices_than_the_limit_is_refused_naming_the
 
 
 class DeviceWritesPerTransaction:
-    """Counts the statements that write device rows in each transaction (real SQL, seen by an
-    engine event listener)."""
+    """Counts the device rows each transaction writes (real SQL, seen by an engine event
+    listener: one per parameter set of an INSERT or UPDATE of `devices`)."""
 
     def __init__(self, db: Database) -> None:
         self.engine = db.engine.sync_engine
@@ -333,10 +333,12 @@ class DeviceWritesPerTransaction:
         event.remove(self.engine, "before_cursor_execute", self._statement)
         event.remove(self.engine, "commit", self._commit)
 
-    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def _statement(
+        self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool
+    ) -> None:
         text = " ".join(statement.split()).upper()
         if text.startswith(("INSERT INTO DEVICES ", "UPDATE DEVICES ")):
-            self.current += 1
+            self.current += len(parameters) if many else 1
 
     def _commit(self, _conn: Any) -> None:
         if self.current:
