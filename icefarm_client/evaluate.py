@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
+from icefarm.limits import MAX_BITSTREAM_BYTES
 from icefarm.v1 import worker_service_pb2 as wpb
 from icefarm_client import convert
 from icefarm_client.errors import DeviceFailed, translate
@@ -165,6 +166,11 @@ class Evaluation:
                 item = self._next_item()
                 if item is None:
                     break
+                if len(item.data) > MAX_BITSTREAM_BYTES:
+                    # A worker would end the whole stream over it: fail this one alone.
+                    error = f"{len(item.data)} bytes; a worker takes at most {MAX_BITSTREAM_BYTES}"
+                    self._emit(Result(item.id, "", error=error, attempt=0))
+                    continue
                 item.lanes_tried += 1
                 lane.in_flight[item.id] = item
                 lane.queue.put_nowait(

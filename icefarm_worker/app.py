@@ -17,6 +17,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from icefarm.limits import MAX_WORKER_MESSAGE_BYTES
 from icefarm.reflection import enable_reflection
 from icefarm.server_options import server_options
 from icefarm.v1 import worker_service_pb2, worker_service_pb2_grpc
@@ -24,7 +25,6 @@ from icefarm_worker.access import Access
 from icefarm_worker.backends import Hardware, open_hardware
 from icefarm_worker.commands import CommandHandler
 from icefarm_worker.config import WorkerConfig
-from icefarm_worker.evaluation import MAX_BITSTREAM_BYTES
 from icefarm_worker.fleet import Fleet
 from icefarm_worker.lifecycle import Timeouts
 from icefarm_worker.service import WorkerServicer
@@ -35,7 +35,7 @@ SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].f
 # The largest request is an EvaluateRequest: one bitstream plus its id and device id (room
 # for those and the framing). A bigger message is refused by gRPC (RESOURCE_EXHAUSTED) before
 # it is read whole; one between the two limits is INVALID_ARGUMENT naming bitstream.data.
-MAX_MESSAGE_BYTES = MAX_BITSTREAM_BYTES + 64 * 1024
+MAX_MESSAGE_BYTES = MAX_WORKER_MESSAGE_BYTES
 SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
 
 

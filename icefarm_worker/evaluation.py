@@ -35,7 +35,6 @@ log = structlog.get_logger(__name__)
 # A bitstream is tried at most this often (on one board, after its reboot, then elsewhere).
 MAX_ATTEMPTS = 3
 # The largest bitstream accepted (an iCE40UP5K image is 104090 bytes; room for bigger parts).
-MAX_BITSTREAM_BYTES = 4 * 1024 * 1024
 
 
 @dataclass

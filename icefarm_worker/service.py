@@ -16,6 +16,7 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2
 
+from icefarm.limits import MAX_BITSTREAM_BYTES
 from icefarm.tokens import TokenClaims
 from icefarm.v1 import worker_service_pb2 as wpb
 from icefarm.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -28,7 +29,7 @@ from icefarm_worker.errors import (
     invalid_field,
     permission_denied,
 )
-from icefarm_worker.evaluation import MAX_BITSTREAM_BYTES, EvaluationRun
+from icefarm_worker.evaluation import EvaluationRun
 from icefarm_worker.hardware.base import HardwareError
 from icefarm_worker.lifecycle import HELD, BoardFailed, BoardLifecycle, NotHeld
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 import icefarm_client as ic
+from icefarm.limits import MAX_BITSTREAM_BYTES
 from icefarm_worker.simulator.firmware import expected_pulse_count, expected_variance
 from tests.client.bitstreams import bitstream
 from tests.client.conftest import RunningFarm
@@ -132,6 +133,18 @@ def test_a_bitstream_that_cannot_run_is_a_failed_result_not_an_exception(
         }
     assert results["0"].ok and results["2"].ok
     assert not results["1"].ok and results["1"].value is None and results["1"].error
+
+
+def test_a_bitstream_over_the_workers_limit_fails_alone(
+    farm: RunningFarm, clients: Clients
+) -> None:
+    """A worker would end the whole stream over it; the client fails it before sending."""
+    alice = clients(farm.address, "alice")
+    too_big = bytes(MAX_BITSTREAM_BYTES + 1)
+    with alice.reserve(1, mode="pulsecount") as farm_:
+        results = {r.bitstream_id: r for r in farm_.evaluate([bitstream(1), too_big, bitstream(2)])}
+    assert results["0"].ok and results["2"].ok
+    assert not results["1"].ok and str(MAX_BITSTREAM_BYTES) in results["1"].error
 
 
 def test_wait_until_n_boards_are_available(farm: RunningFarm, clients: Clients) -> None:

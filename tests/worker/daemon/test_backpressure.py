@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from icefarm.limits import MAX_BITSTREAM_BYTES
 from icefarm.v1 import types_pb2 as tpb
 from icefarm.v1 import worker_service_pb2 as wpb
 from icefarm_worker.app import MAX_MESSAGE_BYTES
-from icefarm_worker.evaluation import MAX_BITSTREAM_BYTES, EvaluationRun
+from icefarm_worker.evaluation import EvaluationRun
 from icefarm_worker.simulator import expected_pulse_count
 from tests.grpc_errors import bad_fields_of
 from tests.integration.worker_farm import eventually
