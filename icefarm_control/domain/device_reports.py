@@ -1,9 +1,19 @@
 """What a worker's report about one of its devices means: the rules, free of storage.
 
 A worker tells the control what each board is doing (`DeviceUpdate`), live and again in full
-when it registers. The control owns holds (which reservation has a board); the worker owns the
-board's physical state. `judge_update` and `judge_reconnect` decide, from the device as the
-database has it and the report, which state to store and what to do about the hold.
+when it registers. `judge_update` and `judge_reconnect` decide, from the device as the database
+has it and the report, which state to store and what to do about the hold. Who is right:
+
+- The worker, about what the hardware does. A report from the board's worker is applied when
+  the table allows it; from BROKEN (often only the control's inference from a failed or timed
+  out command) and OFFLINE the table allows any state, so the two sides converge on the
+  worker's newer evidence (a board the control broke that the worker reset and tested is
+  AVAILABLE again; one it prepared for the current holder is READY, and the holder is told).
+- The control, about holds. A held state needs the reservation that holds the board; a free
+  state for a held board, or a report naming another reservation, is stale (an old release
+  finishing) and changes nothing: the hold ends only by the control, and its release makes
+  the worker reset the board and report again. Failures (BROKEN, OFFLINE, REMOVED) always
+  apply: they are facts about the board whoever holds it.
 """
 
 from __future__ import annotations
