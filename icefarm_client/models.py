@@ -7,50 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-
-class DeviceState(enum.StrEnum):
-    """The life of a device (see docs/api.md, "Device states")."""
-
-    UNSPECIFIED = "UNSPECIFIED"
-    DISCOVERED = "DISCOVERED"
-    FLASHING = "FLASHING"
-    TESTING = "TESTING"
-    AVAILABLE = "AVAILABLE"
-    RESERVED = "RESERVED"
-    READY = "READY"
-    BROKEN = "BROKEN"
-    OFFLINE = "OFFLINE"
-    REMOVED = "REMOVED"
-
-
-class WorkerState(enum.StrEnum):
-    """Whether a worker takes reservations."""
-
-    UNSPECIFIED = "UNSPECIFIED"
-    ONLINE = "ONLINE"
-    DRAINING = "DRAINING"
-    OFFLINE = "OFFLINE"
-
-
-class ReservationState(enum.StrEnum):
-    """Whether a reservation still holds devices."""
-
-    UNSPECIFIED = "UNSPECIFIED"
-    ACTIVE = "ACTIVE"
-    ENDED = "ENDED"
-
-
-class EndReason(enum.StrEnum):
-    """Why devices stopped being held."""
-
-    UNSPECIFIED = "UNSPECIFIED"
-    RELEASED = "RELEASED"
-    EXPIRED = "EXPIRED"
-    REVOKED = "REVOKED"
-    WORKER_LOST = "WORKER_LOST"
-    CLIENT_LOST = "CLIENT_LOST"
-    DEVICE_REMOVED = "DEVICE_REMOVED"
-    DEVICE_FAILED = "DEVICE_FAILED"
+# The states are shared with the control and the worker (one definition, icefarm/states.py).
+from icefarm.states import DeviceState as DeviceState
+from icefarm.states import EndReason as EndReason
+from icefarm.states import ReservationState as ReservationState
+from icefarm.states import WorkerState as WorkerState
 
 
 class EventType(enum.StrEnum):

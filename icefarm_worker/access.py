@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from icefarm.states import DeviceState as State
 from icefarm.tokens import TOKEN_METADATA_KEY, TokenClaims, TokenError, TokenVerifier
 from icefarm_worker.errors import (
     SHUTTING_DOWN,
@@ -22,7 +23,7 @@ from icefarm_worker.errors import (
     permission_denied,
 )
 from icefarm_worker.fleet import Fleet
-from icefarm_worker.lifecycle import BoardLifecycle, State
+from icefarm_worker.lifecycle import BoardLifecycle
 
 Metadata = Iterable[tuple[str, str | bytes]]
 

@@ -15,10 +15,11 @@ from typing import Protocol
 
 import structlog
 
+from icefarm.states import DeviceState as State
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm_worker.fleet import Fleet
 from icefarm_worker.hardware.base import HardwareError
-from icefarm_worker.lifecycle import BoardFailed, State
+from icefarm_worker.lifecycle import BoardFailed
 
 log = structlog.get_logger(__name__)
 # Answers remembered for re-sent commands (far more than the control can have unanswered).

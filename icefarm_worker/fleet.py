@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from icefarm.states import DeviceState as State
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm_worker.hardware.base import (
     Board,
@@ -24,7 +25,7 @@ from icefarm_worker.hardware.base import (
     Discovery,
     Usbip,
 )
-from icefarm_worker.lifecycle import BoardFailed, BoardLifecycle, Reporter, State, Timeouts
+from icefarm_worker.lifecycle import BoardFailed, BoardLifecycle, Reporter, Timeouts
 from icefarm_worker.modes.base import Mode
 
 log = structlog.get_logger(__name__)

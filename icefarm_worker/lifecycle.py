@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import structlog
 
+from icefarm.states import HELD_STATES
+from icefarm.states import DeviceState as State  # the worker calls it State
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import types_pb2
 from icefarm_worker.hardware.base import Board, DiscoveredDevice, HardwareError, SerialLink, Usbip
@@ -35,25 +36,12 @@ log = structlog.get_logger(__name__)
 DEFAULT_FIRMWARE_GREETING = "default firmware"
 
 
-class State(enum.StrEnum):
-    """icefarm.v1.DeviceState without the prefix (the control's table uses the same names)."""
-
-    DISCOVERED = "DISCOVERED"
-    FLASHING = "FLASHING"
-    TESTING = "TESTING"
-    AVAILABLE = "AVAILABLE"
-    RESERVED = "RESERVED"
-    READY = "READY"
-    BROKEN = "BROKEN"
-    REMOVED = "REMOVED"
-
-    @property
-    def proto(self) -> types_pb2.DeviceState.ValueType:
-        """The icefarm.v1.DeviceState value."""
-        return types_pb2.DeviceState.Value(f"DEVICE_STATE_{self.value}")
+def proto_state(state: State) -> types_pb2.DeviceState.ValueType:
+    """The icefarm.v1.DeviceState value of a state."""
+    return types_pb2.DeviceState.Value(f"DEVICE_STATE_{state.value}")
 
 
-HELD = frozenset({State.RESERVED, State.READY})
+HELD = HELD_STATES
 
 
 class BoardFailed(Exception):
@@ -128,7 +116,7 @@ class BoardLifecycle:
         return cpb.DeviceUpdate(
             device_id=self.device_id,
             kind=self.device.kind,
-            state=self.state.proto,
+            state=proto_state(self.state),
             labels=dict(self.device.labels),
             error=self.error if self.state == State.BROKEN else "",
             reset_on_release=self.reset_on_release,

@@ -31,7 +31,7 @@ from icefarm_worker.errors import (
 )
 from icefarm_worker.evaluation import EvaluationRun
 from icefarm_worker.hardware.base import HardwareError
-from icefarm_worker.lifecycle import HELD, BoardFailed, BoardLifecycle, NotHeld
+from icefarm_worker.lifecycle import HELD, BoardFailed, BoardLifecycle, NotHeld, proto_state
 
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -44,7 +44,7 @@ def device_info(board: BoardLifecycle) -> wpb.DeviceInfo:
     return wpb.DeviceInfo(
         device_id=board.device_id,
         kind=board.device.kind,
-        state=board.state.proto,
+        state=proto_state(board.state),
         mode=board.mode_name,
         mode_args=board.mode_args,
         reservation_id=board.reservation_id,
