@@ -15,6 +15,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
 from icefarm_client.cli.experiment import RESULT_COLUMNS, result_row
 from icefarm_client.cli.output import Progress, table
 from icefarm_client.errors import IcefarmError
@@ -22,7 +23,7 @@ from icefarm_client.sync import Client
 from icefarm_control.launch import start_control_process
 from icefarm_worker.simulator.firmware import expected_pulse_count
 
-BITSTREAM_SIZE = 104090
+BITSTREAM_SIZE = PICO2_ICE_BITSTREAM_BYTES
 BIN = Path(sys.executable).parent
 
 

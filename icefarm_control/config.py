@@ -16,8 +16,7 @@ from typing import Any
 from icefarm.settings import ConfigError as ConfigError
 from icefarm.settings import Setting, layered_values
 from icefarm_control.domain.settings import Timers
-from icefarm_control.storage.database import DEFAULT_DB_CONCURRENCY
-from icefarm_control.storage.database import default_database_url
+from icefarm_control.storage.database import DEFAULT_DB_CONCURRENCY, default_database_url
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

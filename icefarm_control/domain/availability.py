@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from icefarm_control.domain.selectors import Selector, parse_selector
+from icefarm_control.domain.settings import UPKEEP_SECONDS
 from icefarm_control.notifier import Notifier, Subscription
 from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
@@ -30,7 +31,7 @@ from icefarm_control.storage.database import Database
 
 log = structlog.get_logger(__name__)
 
-RECOUNT_INTERVAL = 5.0
+RECOUNT_INTERVAL = UPKEEP_SECONDS
 
 
 @dataclass(eq=False)

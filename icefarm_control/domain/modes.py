@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 
 from icefarm_control.domain.errors import InvalidArgument
+from icefarm_control.domain.settings import MODE_CACHE_SECONDS
 from icefarm_control.storage import worker_queries as wq
 from icefarm_control.storage.database import Database
 
-CACHE_SECONDS = 2.0
+CACHE_SECONDS = MODE_CACHE_SECONDS
 
 
 class ModeCatalog:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,10 +34,6 @@ class Timers:
     replica_stale_after: timedelta = timedelta(seconds=3)
 
 
-# Reserve/Release statements one replica runs on PostgreSQL at once (config: db_concurrency).
-DEFAULT_DB_CONCURRENCY = 3 * (os.cpu_count() or 2)
-
-
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one request may ask for; past them the request is INVALID_ARGUMENT."""
@@ -61,3 +56,24 @@ class Limits:
     # A Register is reconciled (and a worker's boards taken offline) this many devices per
     # transaction, so one big worker never stalls the other writers for long (SQLite).
     devices_per_transaction: int = 100
+
+
+# Periods and bounds of the control that are not settings; defined here all the same, so each
+# fact has one place.
+# A worker stream re-reads its commands this often without a wake-up (jittered): wake-ups do
+# the real work, and a thousand idle workers must not become a steady stream of queries.
+WORKER_COMMAND_POLL_SECONDS = 30.0
+# Client Sessions, WatchEvents and availability watches check for what a lost wake-up missed.
+UPKEEP_SECONDS = 5.0
+# A client feed's own last-resort re-read.
+FEED_REREAD_SECONDS = 60.0
+# The modes workers offer are cached this long at Reserve.
+MODE_CACHE_SECONDS = 2.0
+# The operator-feed sequencer numbers events at most once per this.
+SEQUENCER_GATHER_SECONDS = 0.05
+# Selectors one Session may watch.
+MAX_WATCHES_PER_SESSION = 64
+# A drain waits at most this for reservations to end.
+MAX_DRAIN_TIMEOUT = timedelta(days=7)
+# The largest request the control's gRPC server takes.
+MAX_MESSAGE_BYTES = 1024 * 1024

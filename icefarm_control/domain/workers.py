@@ -54,7 +54,7 @@ from icefarm_control.domain.liveness import (
     worker_changed,
 )
 from icefarm_control.domain.reservations import ReservationEngine
-from icefarm_control.domain.settings import Limits, Timers
+from icefarm_control.domain.settings import MAX_DRAIN_TIMEOUT, Limits, Timers
 from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.storage import outbox, replicas
 from icefarm_control.storage import queries as q
@@ -64,7 +64,6 @@ from icefarm_control.storage.records import DeviceRow, WorkerRow
 
 log = structlog.get_logger(__name__)
 _NAME = re.compile(r"^[\x21-\x7e]{1,128}$")
-MAX_DRAIN_TIMEOUT = timedelta(days=7)
 
 
 class SessionExpired(Unavailable):

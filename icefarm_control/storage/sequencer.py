@@ -19,6 +19,7 @@ from sqlalchemy import func, literal, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from icefarm_control.domain.settings import SEQUENCER_GATHER_SECONDS
 from icefarm_control.notifier import Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.storage.database import Database
@@ -28,7 +29,7 @@ log = structlog.get_logger(__name__)
 UNSEQUENCED = outbox.UNSEQUENCED
 BATCH = 1000
 # The pause between two numbering rounds (the operator feed's added latency, at most).
-GATHER_SECONDS = 0.05
+GATHER_SECONDS = SEQUENCER_GATHER_SECONDS
 
 
 async def number_operator_events(conn: AsyncConnection, limit: int = BATCH) -> int:

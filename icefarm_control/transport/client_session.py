@@ -30,6 +30,11 @@ from icefarm_control.domain.clients import (
 )
 from icefarm_control.domain.errors import IcefarmDomainError, InvalidArgument, Reason, Unavailable
 from icefarm_control.domain.reservations import ReservationEngine
+from icefarm_control.domain.settings import (
+    FEED_REREAD_SECONDS,
+    MAX_WATCHES_PER_SESSION,
+    UPKEEP_SECONDS,
+)
 from icefarm_control.notifier import Flag, Mailbox, Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.storage.client_queries import SessionKey
@@ -42,11 +47,11 @@ from icefarm_control.transport.streams import failure_status, to_completion
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
-MAX_WATCHES = 64
+MAX_WATCHES = MAX_WATCHES_PER_SESSION
 # How often the replica's upkeep looks for feeds that fell behind (a lost wake-up).
-RESYNC_SECONDS = 5.0
+RESYNC_SECONDS = UPKEEP_SECONDS
 # A feed's own last resort, should the upkeep not run.
-FEED_RESYNC_SECONDS = 60.0
+FEED_RESYNC_SECONDS = FEED_REREAD_SECONDS
 # Hello.instance: which Client object of the client this is (the charset of client ids).
 _INSTANCE = re.compile(r"[\x21-\x7e]{0,64}")
 

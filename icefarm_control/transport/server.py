@@ -13,11 +13,11 @@ from icefarm.v1 import (
     reservation_service_pb2,
     reservation_service_pb2_grpc,
 )
+from icefarm_control.domain.settings import MAX_MESSAGE_BYTES
 from icefarm_control.transport.control import ControlServicer
 from icefarm_control.transport.reservations import ReservationServicer
 from icefarm_control.transport.validation import validated
 
-MAX_MESSAGE_BYTES = 1024 * 1024
 RESERVATION_SERVICE = reservation_service_pb2.DESCRIPTOR.services_by_name["ReservationService"]
 CONTROL_SERVICE = control_service_pb2.DESCRIPTOR.services_by_name["ControlService"]
 SERVICE_NAMES = (RESERVATION_SERVICE.full_name, CONTROL_SERVICE.full_name)

@@ -15,6 +15,7 @@ import grpc
 from icefarm.v1 import control_service_pb2 as pb
 from icefarm_control.domain.errors import Reason
 from icefarm_control.domain.feeds import OPERATOR_BATCH, OperatorFeed
+from icefarm_control.domain.settings import UPKEEP_SECONDS
 from icefarm_control.notifier import STOPPING, Notifier
 from icefarm_control.storage import outbox
 from icefarm_control.storage.database import Database
@@ -24,7 +25,7 @@ from icefarm_control.transport.identity import caller_identity
 from icefarm_control.transport.streams import failure_status, to_completion
 
 Context = grpc.aio.ServicerContext[Any, Any]
-RESYNC_SECONDS = 5.0
+RESYNC_SECONDS = UPKEEP_SECONDS
 SHUTTING_DOWN = to_status(
     grpc.StatusCode.UNAVAILABLE,
     "the control is shutting down; reconnect (to another replica) with resume_after",

@@ -26,6 +26,7 @@ from icefarm_control.domain.errors import (
     Reason,
     Unavailable,
 )
+from icefarm_control.domain.settings import WORKER_COMMAND_POLL_SECONDS
 from icefarm_control.domain.workers import Session, SessionExpired, WorkerRegistry
 from icefarm_control.notifier import Flag, Notifier, Subscription
 from icefarm_control.storage.outbox import worker_topic
@@ -45,7 +46,7 @@ Requests = AsyncIterator[pb.WorkerSessionRequest]
 # Commands are re-read this often even without a wake-up (a lost NOTIFY only costs this much).
 # The slow re-read that catches a lost wake-up. Wake-ups do the real work, so this is long and
 # jittered: a thousand idle workers must not turn into a steady stream of queries.
-POLL_SECONDS = 30.0
+POLL_SECONDS = WORKER_COMMAND_POLL_SECONDS
 BATCH = 100
 # A message that lost a deadlock is tried again this often before the stream ends (the worker
 # then registers again with its whole state, so nothing it reported is lost).

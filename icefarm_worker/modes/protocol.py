@@ -15,10 +15,11 @@ import itertools
 import re
 from collections.abc import Callable, Sequence
 
+from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
 from icefarm_worker.hardware.base import SerialLink, SerialTimeout
 from icefarm_worker.modes.base import EvaluationFailed
 
-BITSTREAM_SIZE = 104090
+BITSTREAM_SIZE = PICO2_ICE_BITSTREAM_BYTES
 CHUNK_SIZE = 512
 SAMPLE_COUNT = 500
 WAITING_LINE = "Waiting for bitstream transfer"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-BITSTREAM_SIZE = 104090
+from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
+
+BITSTREAM_SIZE = PICO2_ICE_BITSTREAM_BYTES
 
 
 def bitstream(seed: int) -> bytes:

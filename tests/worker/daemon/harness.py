@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
 from icefarm.tokens import TOKEN_METADATA_KEY
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
@@ -28,7 +29,7 @@ from tests.integration.conftest import RunningControl
 from tests.integration.worker_farm import connected, eventually, fast_config, reserve
 
 ControlUnderTest = RunningControl
-BITSTREAM_SIZE = 104090
+BITSTREAM_SIZE = PICO2_ICE_BITSTREAM_BYTES
 S = tpb
 
 

@@ -43,9 +43,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("key_id", name=op.f("pk_signing_keys")),
     )
     with op.batch_alter_table("client_sessions", schema=None, recreate="always") as batch_op:
-        batch_op.add_column(
-            sa.Column("instance", sa.String(64), nullable=False, server_default="")
-        )
+        batch_op.add_column(sa.Column("instance", sa.String(64), nullable=False, server_default=""))
         batch_op.drop_constraint(op.f("pk_client_sessions"), type_="primary")
         batch_op.create_primary_key(op.f("pk_client_sessions"), ["client_id", "instance"])
 
