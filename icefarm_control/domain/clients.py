@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Protocol
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.events import EventType
@@ -27,6 +26,7 @@ from icefarm_control.domain.states import EndReason
 from icefarm_control.storage import client_queries as cq
 from icefarm_control.storage import outbox
 from icefarm_control.storage.client_queries import FeedPosition, SessionKey
+from icefarm_control.storage.database import Transaction
 from icefarm_control.storage.outbox import EventRow
 
 log = structlog.get_logger(__name__)
@@ -184,7 +184,7 @@ class ClientSessions:
             return []
         # By reservation, not by client: a lease created since the cutoff keeps its own grace.
 
-        async def still_lost(conn: AsyncConnection, ids: list[str]) -> set[str]:
+        async def still_lost(conn: Transaction, ids: list[str]) -> set[str]:
             # A client that reconnected since the read above keeps its leases.
             again = await cq.lost_client_reservations(conn, cutoff, len(ids), among=ids)
             return {reservation_id for reservation_id, _ in again}

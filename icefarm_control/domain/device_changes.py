@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.device_reports import (
@@ -27,7 +26,7 @@ from icefarm_control.domain.states import DeviceState, EndReason, can_transition
 from icefarm_control.storage import outbox
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import worker_queries as wq
-from icefarm_control.storage.database import Database
+from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.records import DeviceRow
 
 log = structlog.get_logger(__name__)
@@ -39,7 +38,7 @@ _BATCH = 1000
 _ATTEMPTS = 5
 
 
-async def write_retrying(db: Database, step: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+async def write_retrying(db: Database, step: Callable[[Transaction], Awaitable[T]]) -> T:
     """Run `step` in a write transaction; again (from the start) when a device was reserved
     between reading its holders and locking it."""
     for attempt in itertools.count(1):
@@ -54,7 +53,7 @@ async def write_retrying(db: Database, step: Callable[[AsyncConnection], Awaitab
 
 
 async def end_holds_in(
-    conn: AsyncConnection,
+    conn: Transaction,
     engine: ReservationEngine,
     holds: Mapping[EndReason, Sequence[str]],
 ) -> bool:
@@ -126,7 +125,7 @@ def plan_report(
     return DeviceWrite(DeviceChange(existing.id, current, new_state), True, values)
 
 
-async def write_planned(conn: AsyncConnection, writes: Sequence[DeviceWrite]) -> list[DeviceChange]:
+async def write_planned(conn: Transaction, writes: Sequence[DeviceWrite]) -> list[DeviceChange]:
     """Write the planned device rows (a few statements for the whole batch); their changes,
     whose events the caller records (record_changes)."""
     await wq.write_devices(conn, [(w.change.device_id, w.exists_already, w.values) for w in writes])
@@ -134,7 +133,7 @@ async def write_planned(conn: AsyncConnection, writes: Sequence[DeviceWrite]) ->
 
 
 async def store_report(
-    conn: AsyncConnection,
+    conn: Transaction,
     worker: str,
     existing: DeviceRow | None,
     report: DeviceReport,
@@ -174,7 +173,7 @@ def _changed_values(
 
 
 async def break_device(
-    conn: AsyncConnection, device_id: str, error: str, now: datetime
+    conn: Transaction, device_id: str, error: str, now: datetime
 ) -> DeviceRow | None:
     """A command on the device failed or timed out: BROKEN with the reason, holder told.
     Devices that are gone (offline, removed) are left alone."""
@@ -193,7 +192,7 @@ async def break_device(
     return device
 
 
-async def device_changed(conn: AsyncConnection, device_id: str, now: datetime) -> DeviceRow:
+async def device_changed(conn: Transaction, device_id: str, now: datetime) -> DeviceRow:
     """The operator's `device_changed` for the device as it is now; the device."""
     device = await q.get_device(conn, device_id)
     assert device is not None
@@ -202,9 +201,7 @@ async def device_changed(conn: AsyncConnection, device_id: str, now: datetime) -
     return device
 
 
-async def record_changes(
-    conn: AsyncConnection, changes: Sequence[DeviceChange], now: datetime
-) -> bool:
+async def record_changes(conn: Transaction, changes: Sequence[DeviceChange], now: datetime) -> bool:
     """The events of the changes written in this transaction: the operators'
     `device_changed` for each (in one insert), the holder's `device_ready`/`device_failed`.
     True when a device became free (the caller serves the queue after its commit)."""
@@ -225,7 +222,7 @@ async def record_changes(
 
 
 async def _tell_holder(
-    conn: AsyncConnection, device: DeviceRow, state: DeviceState, now: datetime
+    conn: Transaction, device: DeviceRow, state: DeviceState, now: datetime
 ) -> None:
     if device.reservation_id is None:
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 from icefarm_control.storage import outbox
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.outbox import EventRow
-from icefarm_control.storage.sequencer import number_operator_events
+from icefarm_control.storage.sequencer import number_pending_operator_events
 
 OPERATOR_BATCH = 500
 
@@ -17,9 +17,7 @@ class OperatorFeed:
     async def last_sequence(self) -> int:
         """The number of the newest operator event, counting every event committed so far
         (on PostgreSQL the ones still waiting for the sequencer are numbered first)."""
-        if self.db.is_postgresql:
-            async with self.db.write() as conn:
-                await number_operator_events(conn)
+        await number_pending_operator_events(self.db)
         async with self.db.read() as conn:
             return await outbox.last_sequence(conn, outbox.OPERATOR)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from datetime import datetime
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
@@ -30,7 +29,7 @@ from icefarm_control.domain.settings import Limits, Timers
 from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.storage import outbox
 from icefarm_control.storage import worker_queries as wq
-from icefarm_control.storage.database import Database
+from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.records import WorkerRow
 
 log = structlog.get_logger(__name__)
@@ -40,9 +39,7 @@ BREAKING_COMMANDS = frozenset(
 )
 
 
-async def finish_drains(
-    conn: AsyncConnection, now: datetime, worker: str | None = None
-) -> list[str]:
+async def finish_drains(conn: Transaction, now: datetime, worker: str | None = None) -> list[str]:
     """Send DrainComplete (once) to every draining worker that holds no reservation any more."""
     done = await wq.finish_drains(conn, worker)
     for name in done:
@@ -52,7 +49,7 @@ async def finish_drains(
     return done
 
 
-async def worker_changed(conn: AsyncConnection, worker: str, now: datetime) -> WorkerRow:
+async def worker_changed(conn: Transaction, worker: str, now: datetime) -> WorkerRow:
     """The operator's `worker_changed` for the worker as it is now; the worker."""
     row = await wq.get_worker(conn, worker)
     assert row is not None
@@ -62,7 +59,7 @@ async def worker_changed(conn: AsyncConnection, worker: str, now: datetime) -> W
 
 
 async def take_dead_sessions_offline(
-    conn: AsyncConnection, now: datetime, timers: Timers, replica_id: str
+    conn: Transaction, now: datetime, timers: Timers, replica_id: str
 ) -> list[wq.DeadSession]:
     """Workers whose session is over (silent past the offline timeout, or held by a replica
     that is gone) go OFFLINE in the caller's transaction: from its commit on no Reserve hands
@@ -145,7 +142,7 @@ class WorkerLiveness:
         """SENT commands without an answer past their deadline: TIMED_OUT, board BROKEN."""
         now = self.clock.now()
 
-        async def time_out(conn: AsyncConnection) -> list[outbox.CommandRow]:
+        async def time_out(conn: Transaction) -> list[outbox.CommandRow]:
             timed_out = await wq.time_out_commands(conn, now)
             for command in timed_out:
                 log.warning("command timed out", worker=command.worker, command=command.type)

@@ -6,17 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from icefarm_control.domain import events
 from icefarm_control.domain.events import CommandType, EventType
 from icefarm_control.domain.states import EndReason
 from icefarm_control.storage import outbox
+from icefarm_control.storage.database import Transaction
 from icefarm_control.storage.records import ReservationRow, ReservedDeviceRow
 
 
 async def record_created(
-    conn: AsyncConnection, row: ReservationRow, lease_seconds: float, now: datetime
+    conn: Transaction, row: ReservationRow, lease_seconds: float, now: datetime
 ) -> None:
     """Ask each device's worker to prepare it, and tell the operators."""
     for device in row.devices:
@@ -42,7 +41,7 @@ async def record_created(
 
 
 async def record_release(
-    conn: AsyncConnection,
+    conn: Transaction,
     row: ReservationRow,
     devices: Sequence[ReservedDeviceRow],
     reason: EndReason,
@@ -67,7 +66,7 @@ async def record_release(
     outbox.touch(conn, outbox.DEVICES)
 
 
-async def record_extended(conn: AsyncConnection, row: ReservationRow, now: datetime) -> None:
+async def record_extended(conn: Transaction, row: ReservationRow, now: datetime) -> None:
     payload = events.reservation_extended(reservation_id=row.id, end_time=row.end_time)
     extended = EventType.RESERVATION_EXTENDED
     await outbox.append_event(conn, outbox.client_audience(row.client_id), extended, payload, now)

@@ -37,10 +37,6 @@ from icefarm_control.storage.records import (
 NEW_REQUEST = "new"
 
 
-def waiter_topic(waiter_id: int) -> str:
-    return f"waiter:{waiter_id}"
-
-
 class WaitingLine:
     """Planning the queue, serving it, and one caller's wait in it."""
 
@@ -114,7 +110,7 @@ class WaitingLine:
             selector_text=waiter.selector,
         )
         await self.ledger.create(tx, waiter.client_id, spec, taken, now, reservation_id)
-        outbox.touch(tx, waiter_topic(waiter.id))
+        outbox.touch(tx, outbox.waiter_topic(waiter.id))
 
     async def serve_waiters(self) -> None:
         """Give free devices to the queue (after devices became AVAILABLE or holds ended)."""
@@ -152,7 +148,7 @@ class WaitingLine:
         replica serves it wakes us through the notifier; we also re-read our entry now and
         then, so a lost wake-up only costs a little time."""
         try:
-            with self.notifier.subscribe(waiter_topic(waiter_id)) as subscription:
+            with self.notifier.subscribe(outbox.waiter_topic(waiter_id)) as subscription:
                 while True:
                     async with self.db.read() as tx:
                         waiter = await waiter_q.get_waiter(tx, waiter_id)

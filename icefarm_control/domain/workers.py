@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
@@ -59,7 +58,7 @@ from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.storage import outbox, replicas
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import worker_queries as wq
-from icefarm_control.storage.database import Database
+from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.records import DeviceRow, WorkerRow
 
 log = structlog.get_logger(__name__)
@@ -207,7 +206,7 @@ class WorkerRegistry:
         return Session(name, generation, self.replica_id)
 
     async def _session_is_live(
-        self, conn: AsyncConnection, row: wq.WorkerSessionRow, now: datetime
+        self, conn: Transaction, row: wq.WorkerSessionRow, now: datetime
     ) -> bool:
         """Whether the session the row records still has its stream: not offline, heard from
         within the offline timeout, and held by a replica that is alive (this one: among its
@@ -241,7 +240,7 @@ class WorkerRegistry:
             if freed:
                 await self.engine.serve_waiters()
 
-    async def _require_generation(self, conn: AsyncConnection, session: Session) -> None:
+    async def _require_generation(self, conn: Transaction, session: Session) -> None:
         """Lock the worker row (orders this against a Register replacing the session) and
         check the session is still the current one."""
         row = await wq.lock_worker(conn, session.worker)
@@ -252,7 +251,7 @@ class WorkerRegistry:
             raise SessionExpired(_expired(session))
 
     async def _reconcile_batch(
-        self, conn: AsyncConnection, session: Session, reports: Sequence[DeviceReport]
+        self, conn: Transaction, session: Session, reports: Sequence[DeviceReport]
     ) -> bool:
         """One transaction of a Register's reconcile; True when a device became free."""
         worker, now = session.worker, self.clock.now()
@@ -296,7 +295,7 @@ class WorkerRegistry:
         return await end_holds_in(conn, self.engine, ends) or freed
 
     async def _remove_missing(
-        self, conn: AsyncConnection, session: Session, device_ids: Sequence[str]
+        self, conn: Transaction, session: Session, device_ids: Sequence[str]
     ) -> bool:
         """Devices the worker no longer reports are REMOVED; their holds end."""
         worker, now = session.worker, self.clock.now()
@@ -339,7 +338,7 @@ class WorkerRegistry:
         if not alive:
             raise SessionExpired(_expired(session))
 
-    async def _require_current(self, conn: AsyncConnection, session: Session) -> None:
+    async def _require_current(self, conn: Transaction, session: Session) -> None:
         if not await wq.session_is_current(
             conn, session.worker, session.generation, session.replica
         ):
@@ -356,7 +355,7 @@ class WorkerRegistry:
             await self.engine.serve_waiters()
 
     async def _apply_update(
-        self, conn: AsyncConnection, session: Session, report: DeviceReport
+        self, conn: Transaction, session: Session, report: DeviceReport
     ) -> bool:
         await self._require_current(conn, session)
         existing = await wq.lock_device(conn, report.device_id)
@@ -402,7 +401,7 @@ class WorkerRegistry:
         reboot breaks the board. An answer to another worker's command changes nothing."""
         now = self.clock.now()
 
-        async def record(conn: AsyncConnection) -> outbox.CommandRow | None:
+        async def record(conn: Transaction) -> outbox.CommandRow | None:
             command = await outbox.complete_command(
                 conn, correlation_id, worker=session.worker, ok=ok, error=error, now=now
             )
@@ -479,7 +478,7 @@ class WorkerRegistry:
         log.info("worker draining", worker=worker, deadline=deadline.isoformat())
         return changed
 
-    async def _tell_holders(self, conn: AsyncConnection, worker: str) -> None:
+    async def _tell_holders(self, conn: Transaction, worker: str) -> None:
         held: dict[str, list[DeviceRow]] = defaultdict(list)
         for device in await wq.worker_devices(conn, worker):
             if device.reservation_id is not None:
@@ -498,7 +497,7 @@ class WorkerRegistry:
                 self.clock.now(),
             )
 
-    async def _worker_changed(self, conn: AsyncConnection, worker: str) -> WorkerRow:
+    async def _worker_changed(self, conn: Transaction, worker: str) -> WorkerRow:
         return await worker_changed(conn, worker, self.clock.now())
 
 

@@ -267,7 +267,7 @@ def _topics(fixed_topics: ColumnElement[str], commands: Any, *event_ctes: Any) -
     statement (SQLAlchemy renders only the CTEs the final SELECT refers to)."""
     listed = union(
         select(fixed_topics.label("topic")),
-        select(literal("worker:", String()) + commands.c.worker_name),
+        select(literal(outbox.WORKER_PREFIX, String()) + commands.c.worker_name),
         *(select(event_cte.c.audience) for event_cte in event_ctes),
     ).subquery()
     return select(func.string_agg(listed.c.topic, " ")).scalar_subquery()
@@ -388,7 +388,7 @@ def _release_statement() -> Select[Any]:
     )  # fmt: skip
     client_event = _insert_event(
         ended,
-        literal("client:", String()) + bindparam("p_client_id", type_=String()),
+        literal(outbox.CLIENT_PREFIX, String()) + bindparam("p_client_id", type_=String()),
         EventType.RESERVATION_ENDED,
         payload,
     )

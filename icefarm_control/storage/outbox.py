@@ -2,8 +2,9 @@
 the state change that causes them, plus the wake-up topics that change touches.
 
 Topics name who must look at the outbox after the commit: "client:<id>", "worker:<name>",
-"operator", and "devices" (free devices may have changed). `Database.write` publishes them
-once the transaction commits (in-process on SQLite, NOTIFY on PostgreSQL).
+"waiter:<id>", "operator", and "devices" (free devices may have changed). They are defined
+here and nowhere else. `Database.write` publishes them once the transaction commits
+(in-process on SQLite, NOTIFY on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -33,12 +34,22 @@ FAILED = "FAILED"
 TIMED_OUT = "TIMED_OUT"
 
 
+CLIENT_PREFIX = "client:"
+WORKER_PREFIX = "worker:"
+WAITER_PREFIX = "waiter:"
+
+
 def client_audience(client_id: str) -> str:
-    return f"client:{client_id}"
+    return CLIENT_PREFIX + client_id
 
 
 def worker_topic(worker: str) -> str:
-    return f"worker:{worker}"
+    return WORKER_PREFIX + worker
+
+
+def waiter_topic(waiter_id: int) -> str:
+    """Woken when the queued Reserve request `waiter_id` is served."""
+    return f"{WAITER_PREFIX}{waiter_id}"
 
 
 def touch(conn: AsyncConnection, *topics: str) -> None:

@@ -97,3 +97,12 @@ async def run_sequencer(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), GATHER_SECONDS)
                 await wake.wait(poll_seconds)
+
+
+async def number_pending_operator_events(database: Database) -> None:
+    """Number the operator events still waiting for the sequencer, now. Only PostgreSQL's fast
+    paths leave any (SQLite numbers them as they are written), so elsewhere this does nothing."""
+    if not database.is_postgresql:
+        return
+    async with database.write() as conn:
+        await number_operator_events(conn)
