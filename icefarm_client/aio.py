@@ -110,11 +110,14 @@ class AsyncClient(OperatorCalls):
         device_ids: Sequence[str] = (),
         duration: timedelta | None = None,
         wait: timedelta | None = None,
+        wait_for_new_devices: bool = False,
     ) -> Reservation:
         """Reserve `count` devices matching `selector` (or exactly `device_ids`), all or
         nothing, and return at once (devices may still be preparing). `wait` queues fairly
         until enough are free (WaitTimeout when it runs out); without it NotEnoughDevices is
-        raised at once. The reservation is held until its lease ends or it is released."""
+        raised at once, and also when the farm has fewer matching devices than `count` unless
+        `wait_for_new_devices`. The reservation is held until its lease ends or it is
+        released."""
         request = rpb.ReserveRequest(
             count=count,
             device_ids=list(device_ids),
@@ -122,6 +125,7 @@ class AsyncClient(OperatorCalls):
             mode=mode,
             mode_args=mode_args or {},
             request_id=uuid.uuid4().hex,
+            wait_for_new_devices=wait_for_new_devices,
         )
         if duration is not None:
             request.duration.CopyFrom(convert.duration(duration))
@@ -142,6 +146,7 @@ class AsyncClient(OperatorCalls):
         device_ids: Sequence[str] = (),
         duration: timedelta | None = None,
         wait: timedelta | None = None,
+        wait_for_new_devices: bool = False,
         ready_timeout: timedelta = timedelta(minutes=2),
         auto_extend: bool = True,
     ) -> AsyncFarm:
@@ -157,6 +162,7 @@ class AsyncClient(OperatorCalls):
             device_ids=tuple(device_ids),
             duration=duration,
             wait=wait,
+            wait_for_new_devices=wait_for_new_devices,
             ready_timeout=ready_timeout,
             auto_extend=auto_extend,
         )

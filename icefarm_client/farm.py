@@ -51,6 +51,7 @@ class AsyncFarm:
         duration: timedelta | None,
         wait: timedelta | None,
         ready_timeout: timedelta,
+        wait_for_new_devices: bool = False,
         auto_extend: bool,
     ) -> None:
         self.client = client
@@ -62,6 +63,7 @@ class AsyncFarm:
             "device_ids": device_ids,
             "duration": duration,
             "wait": wait,
+            "wait_for_new_devices": wait_for_new_devices,
         }
         self.duration = duration
         self.ready_timeout = ready_timeout

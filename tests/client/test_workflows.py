@@ -45,10 +45,25 @@ def test_reserve_with_waiting_is_served_when_boards_are_released(
 
 
 def test_a_wait_that_runs_out_is_a_wait_timeout(farm: RunningFarm, clients: Clients) -> None:
-    alice = clients(farm.address, "alice")
+    alice, bob = clients(farm.address, "alice"), clients(farm.address, "bob")
+    bob.create_reservation(1)
     with pytest.raises(ic.WaitTimeout) as raised:
-        alice.create_reservation(5, wait=timedelta(seconds=0.5))
+        alice.create_reservation(4, wait=timedelta(seconds=0.5))
     assert isinstance(raised.value, ic.DeadlineExceeded)
+    assert (raised.value.wanted, raised.value.matching, raised.value.free) == (4, 4, 3)
+    assert alice.reservations() == []
+
+
+def test_more_boards_than_the_farm_has_fail_at_once_unless_waiting_for_new_ones(
+    farm: RunningFarm, clients: Clients
+) -> None:
+    alice = clients(farm.address, "alice")
+    with pytest.raises(ic.NotEnoughDevices) as raised:
+        alice.create_reservation(5, wait=timedelta(minutes=5))
+    assert not isinstance(raised.value, ic.WaitTimeout)
+    assert (raised.value.wanted, raised.value.matching) == (5, 4)
+    with pytest.raises(ic.WaitTimeout):
+        alice.create_reservation(5, wait=timedelta(seconds=0.5), wait_for_new_devices=True)
     assert alice.reservations() == []
 
 
