@@ -76,3 +76,16 @@ async def database(database_url: str) -> AsyncIterator[Database]:
 
 
 configure_logging("console", "warning")
+
+
+@pytest.fixture
+async def pg_database() -> AsyncIterator[Database]:
+    """A migrated PostgreSQL database, for what only PostgreSQL has (replicas, row locks)."""
+    url = create_pg_database()
+    db = Database(url)
+    try:
+        await upgrade(db)
+        yield db
+    finally:
+        await db.dispose()
+        drop_pg_database(url)

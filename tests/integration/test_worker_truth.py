@@ -158,11 +158,11 @@ def registry_of(farm: Farm, replica: str) -> WorkerRegistry:
     return WorkerRegistry(farm.db, farm.engine, farm.clock, TIMERS, Limits(), replica)
 
 
+@pytest.mark.postgres
 async def test_a_session_held_by_a_dead_replica_does_not_lock_its_worker_out(
-    database: Database,
+    pg_database: Database,
 ) -> None:
-    if not database.is_postgresql:
-        pytest.skip("replicas share a PostgreSQL database; one control serves a SQLite file")
+    database = pg_database
     farm = Farm(database)
     a, b = registry_of(farm, "replica-a"), registry_of(farm, "replica-b")
     await a.start_replica()
@@ -226,11 +226,11 @@ async def test_a_control_starting_on_sqlite_knows_every_session_in_the_file_is_d
             await restarted.register(Registration(name="lab-a", devices=boards("lab-a", 1)))
 
 
+@pytest.mark.postgres
 async def test_a_silent_replicas_workers_go_offline_before_the_offline_timeout(
-    database: Database,
+    pg_database: Database,
 ) -> None:
-    if not database.is_postgresql:
-        pytest.skip("replicas share a PostgreSQL database; one control serves a SQLite file")
+    database = pg_database
     farm = Farm(database)
     a, b = registry_of(farm, "replica-a"), registry_of(farm, "replica-b")
     await a.start_replica()
@@ -369,10 +369,9 @@ async def test_a_large_register_is_written_in_bounded_transactions(database: Dat
 
 @pytest.mark.postgres
 async def test_registers_and_releases_racing_on_postgresql_never_deadlock(
-    database: Database,
+    pg_database: Database,
 ) -> None:
-    if not database.is_postgresql:
-        pytest.skip("row locks are PostgreSQL's; SQLite serialises every writer")
+    database = pg_database
     farm = Farm(database)
     count = 8
     for round_ in range(4):
