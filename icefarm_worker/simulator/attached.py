@@ -6,6 +6,11 @@ board is up. A worker started with `--simulate-root DIR` reads that file and fin
 with `AttachedDiscovery`, which watches `root/dev` for the `ttyICE{i}` ports; the real
 `SerialBoard` flashes them through `root/drives`, as in `--simulate`. The emulators' CPU time is
 then the simulator process's, not the worker's.
+
+At run time SIGUSR2 makes `serve()` apply the commands in `root/inject.json`
+(`{"seq": N, "commands": [{"device": ID, "fault": NAME, "after", "once", "delay"} |
+{"device": ID, "fault": null} | {"device": ID, "action": "unplug" | "plug"}]}`) and then write
+`root/inject.done` holding N, so a soak can give a served farm faults while it runs.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from icefarm_worker.hardware import flashing
 from icefarm_worker.hardware.base import ChangeKind, DeviceChange, DiscoveredDevice
 from icefarm_worker.hardware.changes import ChangeFeed
 from icefarm_worker.simulator.farm import SimulatedFarm, port_path, simulated_device
+from icefarm_worker.simulator.faults import parse_faults
 from icefarm_worker.simulator.firmware import DEVICE_TIME
 
 MANIFEST = "farm.json"
 DEVICE_TIME_FILE = "device_time.json"
+INJECT_FILE = "inject.json"
+INJECT_DONE_FILE = "inject.done"
 WATCH_INTERVAL = 0.05
 
 
@@ -73,6 +81,14 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     dumps = itertools.count(1)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _write_device_time(root, next(dumps)))
+    injections: set[asyncio.Task[None]] = set()
+
+    def inject() -> None:
+        task = asyncio.create_task(_apply_injections(farm, root))
+        injections.add(task)
+        task.add_done_callback(injections.discard)
+
+    loop.add_signal_handler(signal.SIGUSR2, inject)
     await farm.start()
     try:
         _write_manifest(root, Manifest(prefix, count, os.getpid()))
@@ -81,6 +97,42 @@ async def serve(
     finally:
         (root / MANIFEST).unlink(missing_ok=True)
         await farm.stop()
+
+
+async def _apply_injections(farm: SimulatedFarm, root: Path) -> None:
+    """SIGUSR2: the faults, unplugs and plugs in `root/inject.json`, then `root/inject.done`.
+    A bad command is skipped (printed), the rest still apply: the file is the soak's, not a
+    user's, and a served farm must not die of it."""
+    try:
+        data = json.loads((root / INJECT_FILE).read_text())
+        seq, commands = int(data["seq"]), list(data["commands"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"simulator: unreadable {INJECT_FILE}: {exc}", flush=True)
+        return
+    for command in commands:
+        try:
+            await _apply_one(farm, command)
+        except (KeyError, ValueError, TypeError) as exc:
+            print(f"simulator: injection {command!r} skipped: {exc}", flush=True)
+    temporary = root / (INJECT_DONE_FILE + ".new")
+    temporary.write_text(str(seq))
+    temporary.replace(root / INJECT_DONE_FILE)
+
+
+async def _apply_one(farm: SimulatedFarm, command: dict[str, object]) -> None:
+    device = str(command["device"])
+    action = command.get("action")
+    if action == "unplug":
+        await farm.unplug(device)
+    elif action == "plug":
+        await farm.plug(device)
+    elif action is not None:
+        raise ValueError(f"unknown action {action!r}")
+    elif command.get("fault") is None:
+        farm.inject(device, None)
+    else:
+        spec = {key: value for key, value in command.items() if key != "device"}
+        farm.inject(device, parse_faults({device: spec})[device])
 
 
 class AttachedDiscovery:

@@ -1,0 +1,166 @@
+"""One soak run: start the farm, run the clients and the fault injector for the given time,
+let the farm settle, judge every invariant, and build the report (tests/soak/report.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icefarm_control.storage.database import Database
+from tests.soak import netns
+from tests.soak.checks import Seen, check_reservations, check_results, check_rss, check_sequences
+from tests.soak.farm import Farm, Sizes
+from tests.soak.faults import FaultRecord, Injector
+from tests.soak.monitor import Break, Monitor
+
+# After the last fault every healthy plugged-in board must be AVAILABLE within this.
+SETTLE = 60.0
+CLIENT_EXIT = 60.0
+
+
+@dataclass
+class Options:
+    seconds: float
+    seed: int
+    backend: str = "postgresql"
+    sizes: Sizes = field(default_factory=Sizes)
+    gap: tuple[float, float] = (2.0, 8.0)
+    keep: bool = False
+
+
+@dataclass
+class Outcome:
+    options: Options
+    network_cut: str
+    records: list[FaultRecord]
+    seen: Seen
+    monitor: Monitor
+    breaks: dict[str, list[Break]]
+    reservations: list[dict[str, object]]
+    rss_peak: dict[str, int]
+    wall: float
+    root: Path
+
+
+async def soak(options: Options) -> Outcome:
+    use_netns = netns.available()
+    root = Path(tempfile.mkdtemp(prefix="icefarm-soak-"))
+    farm = Farm(root, options.backend, options.sizes, options.seed, use_netns)
+    started = time.time()
+    try:
+        await asyncio.to_thread(farm.start)
+        return await _run(farm, options, started)
+    finally:
+        await asyncio.to_thread(farm.close)
+        if not options.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def _run(farm: Farm, options: Options, started: float) -> Outcome:
+    database = Database(farm.database_url)
+    monitor = Monitor(farm, database)
+    stop = asyncio.Event()
+    watch = asyncio.create_task(monitor.run(stop))
+    try:
+        await _wait_all_available(farm, monitor, 60.0)
+        until = time.time() + options.seconds
+        farm.until = until + 30
+        for index in range(options.sizes.clients):
+            await asyncio.to_thread(farm.start_client, index)
+        injector = Injector(farm, monitor, random.Random(options.seed), bool(farm.namespaces))
+        await injector.run(until, options.gap)
+        monitor.note("faults over; clients asked to stop")
+        await _stop_clients(farm)
+        last_fault = injector.last_fault_end or time.time()
+        settle_breaks = await _settle(farm, monitor, last_fault)
+        await monitor.check_once()
+        stop.set()
+        await watch
+        reservations = await monitor.reservations()
+    finally:
+        stop.set()
+        with contextlib.suppress(BaseException):
+            await watch
+        await database.dispose()
+    seen = Seen.read(farm.root / "clients", _kill_lives(injector.records, farm))
+    rss_breaks, peak = check_rss(monitor.rss)
+    breaks = {
+        "no board held by two reservations (and the database's other invariants)": monitor.breaks,
+        "every bitstream got exactly one result (value matches, or a failure with a reason)": (
+            check_results(seen)
+        ),
+        "every reservation ended exactly once, with the reason that happened; "
+        "nobody told nothing held while something was": check_reservations(seen, reservations),
+        "every healthy plugged-in board AVAILABLE within 60 s of the last fault": settle_breaks,
+        "no Session event lost or duplicated": check_sequences(seen),
+        "control and worker memory does not grow": rss_breaks,
+    }
+    return Outcome(
+        options,
+        "ip netns (link down)" if farm.namespaces else "SIGSTOP (ip netns not allowed here)",
+        injector.records,
+        seen,
+        monitor,
+        breaks,
+        reservations,
+        peak,
+        time.time() - started,
+        farm.root,
+    )
+
+
+def _kill_lives(records: list[FaultRecord], farm: Farm) -> dict[tuple[int, int], float]:
+    """(client index, the life that was killed) → when; lives are counted in kill order."""
+    lives: dict[int, int] = {}
+    killed: dict[tuple[int, int], float] = {}
+    for record in records:
+        if record.kind != "client-kill" or not record.target:
+            continue
+        index = int(record.target.split("-")[1])
+        life = lives.get(index, 0)
+        killed[(index, life)] = record.t
+        lives[index] = life + 1
+    return killed
+
+
+async def _wait_all_available(farm: Farm, monitor: Monitor, timeout: float) -> None:
+    boards = set(farm.all_boards())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(monitor.state_at(b) == "AVAILABLE" for b in boards):
+            return
+        await asyncio.sleep(0.2)
+    missing = sorted(b for b in boards if monitor.state_at(b) != "AVAILABLE")
+    raise TimeoutError(f"boards not AVAILABLE at start: {missing[:8]}")
+
+
+async def _stop_clients(farm: Farm) -> None:
+    farm.stop_file.touch()
+    deadline = time.monotonic() + CLIENT_EXIT
+    # Polling exit statuses: a process's exit is not an asyncio event here.
+    while time.monotonic() < deadline and any(p.alive() for p in farm.clients.values()):  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    for proc in farm.clients.values():
+        if proc.alive():
+            await asyncio.to_thread(farm.kill, proc)
+
+
+async def _settle(farm: Farm, monitor: Monitor, last_fault: float) -> list[Break]:
+    """Every board AVAILABLE again within SETTLE of the last fault (all are plugged in and
+    healthy by then: board faults fire once, unplugged boards were plugged back)."""
+    boards = set(farm.all_boards())
+    while time.time() - last_fault < SETTLE:
+        if all(monitor.state_at(b) == "AVAILABLE" for b in boards):
+            return []
+        await asyncio.sleep(0.5)
+    stuck = sorted(
+        f"{b}={monitor.state_at(b)}" for b in boards if monitor.state_at(b) != "AVAILABLE"
+    )
+    detail = f"{len(stuck)} board(s) not AVAILABLE: {', '.join(stuck[:10])}"
+    return [Break(time.time(), "board not AVAILABLE 60 s after the last fault", detail)]
