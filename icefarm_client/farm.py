@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -75,6 +75,11 @@ class AsyncFarm:
         self.ended: Event | None = None
         self.extensions = 0
         self._remove: Callable[[], None] | None = None
+        # loop.time() of the last extension and the lease it granted (seconds), which pace
+        # the automatic extends; the pending one, if any.
+        self._extended_at: float | None = None
+        self._lease_seconds = 0.0
+        self._extending: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ the with block
 
@@ -101,6 +106,7 @@ class AsyncFarm:
         await asyncio.shield(self._release_quietly())
 
     async def _release_quietly(self) -> None:
+        self._stop_extending()
         if self._remove is not None:
             self._remove()
             self._remove = None
@@ -141,6 +147,7 @@ class AsyncFarm:
     async def release(self) -> Released:
         """Release the devices now (leaving the block then does nothing more)."""
         released = await self.client.release(self.id)
+        self._stop_extending()
         if self._remove is not None:
             self._remove()
             self._remove = None
@@ -215,11 +222,28 @@ class AsyncFarm:
             if event.reservation_closed:
                 self.ended = event
         elif event.type is EventType.RESERVATION_ENDING_SOON and self.auto_extend:
-            task = asyncio.ensure_future(self._auto_extend())
+            if self._extending is not None and not self._extending.done():
+                return
+            task = self._extending = asyncio.ensure_future(self._auto_extend())
             self.client._pending.add(task)
             task.add_done_callback(self.client._callback_done)
 
+    def _stop_extending(self) -> None:
+        if self._extending is not None:
+            self._extending.cancel()
+            self._extending = None
+
     async def _auto_extend(self) -> None:
+        # A lease shorter than the control's warning window is "ending soon" again right after
+        # each extension: extend at the first warning, then no sooner than half a lease after
+        # the previous extension (else it is extended about once a second).
+        if self._extended_at is not None:
+            loop = asyncio.get_running_loop()
+            pause = self._extended_at + self._lease_seconds / 2 - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        if self.ended is not None or self._remove is None:
+            return
         try:
             await self.extend()
             log.info("lease extended", reservation=self.id)
@@ -228,6 +252,10 @@ class AsyncFarm:
 
     def _take_extension(self, extended: Reservation) -> None:
         self.extensions += 1
+        self._extended_at = asyncio.get_running_loop().time()
+        if extended.end_time is not None:
+            left = extended.end_time - datetime.now(UTC)
+            self._lease_seconds = max(0.0, left.total_seconds())
         token = extended.token or self.reservation.token
         self._reservation = dataclasses.replace(
             self.reservation, end_time=extended.end_time, token=token
