@@ -14,7 +14,7 @@ Exit status 1 when any failure was found.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -29,9 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from icefarm.logs import configure_logging  # noqa: E402
-from tests.fuzz.cases import CONTROL_RPCS, RESERVATION_RPCS, WORKER_RPCS, Rpc  # noqa: E402
+from tests.fuzz.cases import (  # noqa: E402
+    CONTROL_RPCS,
+    ORIGINS,
+    RESERVATION_RPCS,
+    WORKER_RPCS,
+    Rpc,
+)
 from tests.fuzz.farm import ControlTarget, WorkerTarget  # noqa: E402
-from tests.fuzz.run import Target, run_cases  # noqa: E402
+from tests.fuzz.run import BackgroundLoop, Target, run_cases  # noqa: E402
 from tests.fuzz.verdicts import Tally  # noqa: E402
 
 FOREVER = 10**9
@@ -49,6 +55,14 @@ def database_url(backend: str) -> tuple[str, Callable[[], None]]:
     return url, lambda: drop_pg_database(url)
 
 
+def quiet() -> None:
+    """The servers set their own log level when they start; the bench prints only figures
+    (ICEFARM_LOG_LEVEL=warning shows the servers' logs)."""
+    level = os.environ.get("ICEFARM_LOG_LEVEL", "critical")
+    configure_logging("console", level)
+    logging.getLogger("grpc").setLevel(level.upper())
+
+
 @dataclass
 class Options:
     cases: int
@@ -56,10 +70,11 @@ class Options:
     show: int
     verbose: bool
     only: str
+    origins: frozenset[str]
 
 
 def run_target(
-    loop: asyncio.Runner,
+    loop: BackgroundLoop,
     backend: str,
     start: Callable[[str], Coroutine[Any, Any, Target]],
     rpcs: list[Rpc],
@@ -83,6 +98,7 @@ def run_target(
                 seed=options.seed,
                 tally=tally,
                 verbose=options.verbose,
+                origins=options.origins,
             )
         finally:
             loop.run(target.stop())
@@ -97,15 +113,18 @@ def run_backend(backend: str, options: Options) -> Tally:
     total = len(control_rpcs) + len(worker_rpcs)
     on_control = options.cases * len(control_rpcs) // max(total, 1)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="icefarm-fuzz-") as tmp, asyncio.Runner() as loop:
+    with tempfile.TemporaryDirectory(prefix="icefarm-fuzz-") as tmp, BackgroundLoop() as loop:
         root = Path(tmp)
 
         async def control(url: str) -> Target:
-            return await ControlTarget.start(backend, url)
+            target = await ControlTarget.start(backend, url)
+            quiet()
+            return target
 
         async def worker(url: str) -> Target:
             target = await WorkerTarget.start(url, root / "sim")
             target.backend = backend
+            quiet()
             return target
 
         run_target(loop, backend, control, control_rpcs, on_control, options, tally)
@@ -123,9 +142,15 @@ def main() -> int:
     parser.add_argument("--show", type=int, default=30, help="distinct failures to print")
     parser.add_argument("--only", default="", help="only RPCs whose name contains this")
     parser.add_argument("--verbose", action="store_true", help="print every case and answer")
+    parser.add_argument(
+        "--origins",
+        default=",".join(sorted(ORIGINS)),
+        help="kinds of case, comma-separated: plausible, arbitrary, raw (default all)",
+    )
     args = parser.parse_args()
-    options = Options(args.cases, args.seed, args.show, args.verbose, args.only)
-    configure_logging("console", os.environ.get("ICEFARM_LOG_LEVEL", "critical"))
+    origins = frozenset(args.origins.split(",")) & ORIGINS
+    options = Options(args.cases, args.seed, args.show, args.verbose, args.only, origins)
+    quiet()
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     failed = False
     for backend in backends:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from icefarm_control.storage.database import Database
 from tests import invariants
 from tests.fuzz import execute, verdicts
-from tests.fuzz.cases import Case, Rpc, cases
+from tests.fuzz.cases import ORIGINS, Case, Rpc, cases
 from tests.fuzz.pools import Pools
 from tests.fuzz.verdicts import Failure, Tally
 
@@ -32,6 +33,7 @@ UPKEEP_EVERY = 25
 # wrong) or was it a moment between two transactions (still a break: another reader saw it)?
 RECHECK_SECONDS = 0.5
 MAX_PAGE_TOKENS = 50
+T = TypeVar("T")
 
 
 class Target(Protocol):
@@ -48,6 +50,39 @@ class Target(Protocol):
     async def upkeep(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class BackgroundLoop:
+    """An event loop running in its own thread, so the servers, their timers and the stand-in
+    workers' heartbeats go on while hypothesis draws the next cases (with the loop stopped
+    between cases every worker would look silent after a slow draw)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+    def __enter__(self) -> BackgroundLoop:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class Runner:
@@ -118,7 +153,7 @@ class _TimeUp(Exception):
 
 
 def run_cases(
-    loop: asyncio.Runner,
+    loop: BackgroundLoop,
     target: Target,
     rpcs: Sequence[Rpc],
     *,
@@ -127,6 +162,7 @@ def run_cases(
     seed: int | None = None,
     tally: Tally | None = None,
     verbose: bool = False,
+    origins: frozenset[str] = ORIGINS,
 ) -> Tally:
     """Up to `max_cases` cases within about `seconds`; the tally.
 
@@ -136,7 +172,7 @@ def run_cases(
     """
     tally = tally if tally is not None else Tally()
     runner = Runner(target, tally, verbose)
-    per_rpc = {rpc.key: cases(rpc, target.pools) for rpc in rpcs}
+    per_rpc = {rpc.key: cases(rpc, target.pools, origins) for rpc in rpcs}
     round_of = st.permutations(list(rpcs)).flatmap(
         lambda order: st.tuples(*(per_rpc[rpc.key] for rpc in order))
     )

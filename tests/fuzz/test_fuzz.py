@@ -9,7 +9,6 @@ bounded in time (about 60 s in all); bench/fuzz.py runs the same cases for longe
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tests import invariants
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.fuzz.cases import CONTROL_RPCS, RESERVATION_RPCS, WORKER_RPCS, Rpc
 from tests.fuzz.farm import ControlTarget, WorkerTarget
-from tests.fuzz.run import Target, run_cases
+from tests.fuzz.run import BackgroundLoop, Target, run_cases
 from tests.fuzz.verdicts import Tally
 
 # Seconds of cases per test (the servers' start and stop come on top, about 2 s each).
@@ -30,10 +29,11 @@ MAX_CASES = 3000
 
 
 @pytest.fixture
-def loop() -> Iterator[asyncio.Runner]:
-    """One event loop for the servers and the cases (hypothesis drives them synchronously)."""
-    with asyncio.Runner() as runner:
-        yield runner
+def loop() -> Iterator[BackgroundLoop]:
+    """One event loop for the servers and the cases, in its own thread (hypothesis draws the
+    cases synchronously in this one)."""
+    with BackgroundLoop() as running:
+        yield running
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -48,7 +48,7 @@ def fuzz_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
         drop_pg_database(url)
 
 
-def fuzz(loop: asyncio.Runner, target: Target, rpcs: list[Rpc], seconds: float) -> Tally:
+def fuzz(loop: BackgroundLoop, target: Target, rpcs: list[Rpc], seconds: float) -> Tally:
     tally = run_cases(loop, target, rpcs, max_cases=MAX_CASES, seconds=seconds)
     report = tally.report(f"{target.backend}: {', '.join(sorted({r.service for r in rpcs}))}")
     print(report)
@@ -60,7 +60,7 @@ def fuzz(loop: asyncio.Runner, target: Target, rpcs: list[Rpc], seconds: float) 
 
 
 def test_the_control_answers_every_input_truthfully(
-    loop: asyncio.Runner, fuzz_database_url: str, request: pytest.FixtureRequest
+    loop: BackgroundLoop, fuzz_database_url: str, request: pytest.FixtureRequest
 ) -> None:
     backend = "postgresql" if fuzz_database_url.startswith("postgresql") else "sqlite"
     target = loop.run(ControlTarget.start(backend, fuzz_database_url))
@@ -70,7 +70,7 @@ def test_the_control_answers_every_input_truthfully(
         loop.run(target.stop())
 
 
-def test_the_worker_answers_every_input_truthfully(loop: asyncio.Runner, tmp_path: Path) -> None:
+def test_the_worker_answers_every_input_truthfully(loop: BackgroundLoop, tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"
     target = loop.run(WorkerTarget.start(url, tmp_path / "sim"))
     try:

@@ -76,9 +76,10 @@ class Failure:
     case: str
 
     @property
-    def signature(self) -> tuple[str, str, str]:
-        """Failures with one signature are one defect (seen on one or more RPCs)."""
-        return (self.kind, self.code, _normalise(self.detail))
+    def signature(self) -> tuple[str, str, str, bool]:
+        """Failures with one signature are one defect (seen on one or more RPCs); bytes that
+        do not decode and messages that do are told apart (they fail in different places)."""
+        return (self.kind, self.code, _normalise(self.detail), "[raw]" in self.case)
 
 
 def _normalise(text: str) -> str:
@@ -211,9 +212,9 @@ class Tally:
     def distinct(self) -> list[tuple[Failure, list[str], int]]:
         """One entry per defect: the failure with the shortest case (the minimal repro), the
         RPCs it was seen on and how many cases showed it."""
-        best: dict[tuple[str, str, str], Failure] = {}
-        rpcs: defaultdict[tuple[str, str, str], set[str]] = defaultdict(set)
-        seen: Counter[tuple[str, str, str]] = Counter()
+        best: dict[tuple[str, str, str, bool], Failure] = {}
+        rpcs: defaultdict[tuple[str, str, str, bool], set[str]] = defaultdict(set)
+        seen: Counter[tuple[str, str, str, bool]] = Counter()
         for failure in self.failures:
             key = failure.signature
             rpcs[key].add(failure.rpc)
