@@ -156,6 +156,10 @@ def touch_1200(path: str) -> bool:
     bootloader. Returns False when the port was not there (the board may already be in it)."""
     try:
         port = serial.Serial(path, 1200)
+    except termios.error:
+        # The port hung up after 1200 baud was set, while pyserial still flushed it: the
+        # board is already rebooting into its bootloader (the touch worked).
+        return True
     except (OSError, serial.SerialException) as exc:
         if os.path.exists(path):
             raise HardwareError("touch", f"cannot open {path} at 1200 baud: {exc}") from exc
