@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -19,6 +20,7 @@ import grpc
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from icefarm_control.storage.database import Database
 from tests import invariants
@@ -198,6 +200,13 @@ def run_cases(
 
     if seed is not None:
         one_round = hypothesis_seed(seed)(one_round)
-    with contextlib.suppress(_TimeUp):
-        one_round()
+    # Hypothesis keeps caches under .hypothesis/ in the working directory; a run leaves nothing
+    # in the tree (its example database is off too: cases are not replayable anyway).
+    with tempfile.TemporaryDirectory(prefix="icefarm-hypothesis-") as home:
+        set_hypothesis_home_dir(home)
+        try:
+            with contextlib.suppress(_TimeUp):
+                one_round()
+        finally:
+            set_hypothesis_home_dir(None)
     return tally
