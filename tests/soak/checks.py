@@ -138,7 +138,7 @@ def check_reservations(seen: Seen, rows: list[dict[str, Any]]) -> list[Break]:
     known: dict[str, set[str]] = defaultdict(set)
     for life, r in seen.records("granted") + seen.records("error"):
         if r.get("reservation"):
-            known[f"soak-{life.index}"].add(r["reservation"])
+            known[f"soak-{life.index}-{life.life}"].add(r["reservation"])
     closed: dict[str, list[str]] = defaultdict(list)
     for _life, r in seen.records("event"):
         if r["type"] == "RESERVATION_ENDED" and r["closed"]:
@@ -171,11 +171,11 @@ def _told_nothing_held(
     breaks: list[Break] = []
     for life, r in seen.records("refused"):
         if r["held"]:
-            detail = f"soak-{life.index}: refused ({r['error']}) yet holds {r['held']}"
+            detail = f"soak-{life.index}-{life.life}: refused ({r['error']}) yet holds {r['held']}"
             breaks.append(Break(r["t"], "client told nothing held while something was", detail))
     # A reservation its client never heard of: only a killed client's last Reserve may leave
     # one (the process died between the grant and writing it down).
-    killed = {f"soak-{life.index}": life for life in seen.lives if life.killed_at}
+    killed = {f"soak-{life.index}-{life.life}": life for life in seen.lives if life.killed_at}
     for row in rows:
         client = row["client_id"]
         if not client.startswith("soak-") or row["id"] in known[client]:

@@ -94,7 +94,9 @@ class Experimenter:
         self.log = log
         self.rng = random.Random(f"{args.seed}:{args.index}:{args.life}")
         self.boards = [b for b in args.boards.split(",") if b]
-        self.client_id = f"soak-{args.index}"
+        # One identity per process: a killed experiment's reservations end with CLIENT_LOST
+        # after the grace, while its restarted successor works on.
+        self.client_id = f"soak-{args.index}-{args.life}"
 
     def stopping(self) -> bool:
         return time.time() >= self.args.until or Path(self.args.stop).exists()

@@ -228,7 +228,7 @@ class Injector:
 
     async def _client_kill(self, record: FaultRecord) -> None:
         index = self.rng.randrange(self.farm.sizes.clients)
-        client_id = f"soak-{index}"
+        client_id = f"soak-{index}-{self.farm.client_lives[index]}"
         record.target = client_id
         await self._blocking(self.farm.kill, self.farm.clients[index])
         await self._blocking(self.farm.start_client, index)

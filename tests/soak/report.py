@@ -37,24 +37,30 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def board_recoveries(outcome: Outcome) -> None:
-    """Fill in the board faults' recovery from the holder's log: its next rerun result
-    (attempt >= 2) after the fault, or for a slow board its next result from that board."""
+    """Fill in the board faults' recovery from the clients' logs. A hang or short read fires
+    at the board's next evaluation, whoever holds it then: the first rerun (attempt >= 2) on
+    that board after the fault. An unplugged board's bitstream reruns elsewhere: the holder's
+    first rerun. A slow board: the holder's next result from that board."""
+    results = sorted(
+        ((r["t"], life, r) for life, r in outcome.seen.records("result")), key=lambda x: x[0]
+    )
     for record in outcome.records:
         if record.kind not in RERUN_KINDS | {"board-slow"} or not record.holder:
             continue
-        index = int(record.holder.split("-")[1])
-        candidates = sorted(
-            (r["t"], r)
-            for life in outcome.seen.lives
-            if life.index == index
-            for r in life.records
-            if r["kind"] == "result" and r["t"] >= record.t
-        )
-        for t, r in candidates:
-            if record.kind == "board-slow" and r["device"] == record.target:
-                record.recovery = t - record.t
-                break
-            if record.kind != "board-slow" and r["attempt"] >= 2:
+        _, index, number = record.holder.split("-")
+        holder = (int(index), int(number))
+        for t, life, r in results:
+            if t < record.t:
+                continue
+            by_holder = (life.index, life.life) == holder
+            on_board = r["device"] == record.target
+            if record.kind == "board-slow":
+                found = by_holder and on_board
+            elif record.kind == "board-unplug":
+                found = by_holder and r["attempt"] >= 2
+            else:
+                found = on_board and r["attempt"] >= 2
+            if found:
                 record.recovery = t - record.t
                 break
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
 import shutil
 import tempfile
@@ -83,6 +85,7 @@ async def _run(farm: Farm, options: Options, started: float) -> Outcome:
         stop.set()
         await watch
         reservations = await monitor.reservations()
+        _write_story(farm, monitor, injector.records)
     finally:
         stop.set()
         with contextlib.suppress(BaseException):
@@ -116,16 +119,13 @@ async def _run(farm: Farm, options: Options, started: float) -> Outcome:
 
 
 def _kill_lives(records: list[FaultRecord], farm: Farm) -> dict[tuple[int, int], float]:
-    """(client index, the life that was killed) → when; lives are counted in kill order."""
-    lives: dict[int, int] = {}
+    """(client index, the life that was killed) → when (targets are soak-INDEX-LIFE)."""
     killed: dict[tuple[int, int], float] = {}
     for record in records:
         if record.kind != "client-kill" or not record.target:
             continue
-        index = int(record.target.split("-")[1])
-        life = lives.get(index, 0)
-        killed[(index, life)] = record.t
-        lives[index] = life + 1
+        _, index, life = record.target.split("-")
+        killed[(int(index), int(life))] = record.t
     return killed
 
 
@@ -164,3 +164,13 @@ async def _settle(farm: Farm, monitor: Monitor, last_fault: float) -> list[Break
     )
     detail = f"{len(stuck)} board(s) not AVAILABLE: {', '.join(stuck[:10])}"
     return [Break(time.time(), "board not AVAILABLE 60 s after the last fault", detail)]
+
+
+def _write_story(farm: Farm, monitor: Monitor, records: list[FaultRecord]) -> None:
+    """The faults, the soak's notes and every board state change, kept with the logs."""
+    story = {
+        "faults": [dataclasses.asdict(r) for r in records],
+        "notes": monitor.notes,
+        "board_states": monitor.changes,
+    }
+    (farm.root / "story.json").write_text(json.dumps(story, default=str))
