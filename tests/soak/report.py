@@ -27,6 +27,8 @@ TARGETS = {
 }
 RERUN_KINDS = {"board-hang", "board-short-read", "board-unplug"}
 AROUND = 5.0
+# A rerun result counts as the fault's only within this many seconds of it.
+RERUN_WINDOW = 30.0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -52,6 +54,8 @@ def board_recoveries(outcome: Outcome) -> None:
         for t, life, r in results:
             if t < record.t:
                 continue
+            if t - record.t > RERUN_WINDOW:
+                break  # later results are other bitstreams' business
             by_holder = (life.index, life.life) == holder
             on_board = r["device"] == record.target
             if record.kind == "board-slow":
