@@ -314,7 +314,7 @@ def cases(rpc: Rpc, pools: Pools, origins: frozenset[str] = ORIGINS) -> st.Searc
         arbitrary_requests = arbitrary.map(lambda m: (m,))
     shaped = shapes(pools).get(rpc.key)
     if shaped is not None:
-        plausible_requests = st.one_of(shaped, shaped, plausible_requests)
+        plausible_requests = mostly(shaped, plausible_requests)
     raw_count = st.integers(1, 3) if rpc.client_streaming else st.just(1)
     raw = st.tuples(
         headers(pools, True),

@@ -191,13 +191,20 @@ async def _bidi(channel: grpc.aio.Channel, case: Case, response_type: type[Messa
     payloads = _payloads(case)
     window = _Window(call, window_for(case))
     reader = asyncio.create_task(_read_all(call, responses, answer))
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+    try:
         for payload in payloads:
             await write(payload)
         if case.half_close and case.answer_commands is None:
             async with lock:
                 closed = True
                 await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the server ended the call while we wrote: its status says why
+    except asyncio.CancelledError:
+        # grpc raises this from a write when the call is cancelled under it (our window);
+        # any other cancellation is the caller's and goes on.
+        if not window.fired:
+            raise
     with contextlib.suppress(
         grpc.aio.AioRpcError, asyncio.CancelledError, asyncio.InvalidStateError
     ):

@@ -90,6 +90,18 @@ def _repeated(element: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
     return st.one_of(st.lists(element, max_size=4), many)
 
 
+def distinct(items: list[Any], key: Callable[[Any], Any] = repr) -> list[Any]:
+    """`items` without repeats. Done after drawing, never with hypothesis's unique lists: the
+    values come from live pools, and a draw must not depend on anything but its choices."""
+    seen: set[Any] = set()
+    kept = []
+    for item in items:
+        if key(item) not in seen:
+            seen.add(key(item))
+            kept.append(item)
+    return kept
+
+
 def mostly(usual: st.SearchStrategy[Any], rare: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """`usual` nine times in ten, else `rare`."""
     return st.integers(0, 9).flatmap(lambda i: rare if i == 0 else usual)
@@ -139,7 +151,7 @@ def _field_strategy(
         element = mostly(known, element)
     if field.is_repeated:
         if known is not None:
-            listed = st.lists(element, max_size=3, unique_by=repr)
+            listed = st.lists(element, max_size=3).map(distinct)
             return mostly(listed, _repeated(element))
         return _repeated(element)
     return cast(st.SearchStrategy[Any], element)

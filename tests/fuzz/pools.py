@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
 from tests.fuzz import values
-from tests.fuzz.messages import Vocabulary, mostly
+from tests.fuzz.messages import Vocabulary, distinct, mostly
 
 BITSTREAM_SIZE = PICO2_ICE_BITSTREAM_BYTES
 CLIENTS = ("fz-alice", "fz-bob", "fz-carol")
@@ -219,27 +219,56 @@ def shapes(pools: Pools) -> dict[str, st.SearchStrategy[Any]]:
     )
     by_ids = st.builds(
         rpb.ReserveRequest,
-        device_ids=st.lists(pools.device_id(), min_size=1, max_size=2, unique=True),
+        device_ids=st.lists(pools.device_id(), min_size=1, max_size=2).map(distinct),
         mode=mode,
         wait_timeout=values.short_duration(0.3),
     )
-    update = st.builds(
-        cpb.DeviceUpdate,
-        device_id=st.one_of(st.integers(0, 10**6).map(lambda i: f"fz-d{i}"), pools.device_id()),
-        kind=st.sampled_from(["pico2-ice", "usb"]),
-        state=st.sampled_from(
-            [tpb.DEVICE_STATE_AVAILABLE] * 3 + [tpb.DEVICE_STATE_FLASHING, tpb.DEVICE_STATE_READY]
-        ),
-        reset_on_release=st.booleans(),
-        reservation_id=st.one_of(st.just(""), st.just(""), pools.reservation_id()),
+
+    def reports(device_id: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
+        return st.builds(
+            cpb.DeviceUpdate,
+            device_id=device_id,
+            kind=st.sampled_from(["pico2-ice", "usb"]),
+            state=st.sampled_from(
+                [tpb.DEVICE_STATE_AVAILABLE] * 3
+                + [tpb.DEVICE_STATE_FLASHING, tpb.DEVICE_STATE_READY, tpb.DEVICE_STATE_BROKEN]
+            ),
+            reset_on_release=st.booleans(),
+            reservation_id=st.one_of(st.just(""), st.just(""), pools.reservation_id()),
+            # What a worker's report carries, now and then with a hostile key or value in it.
+            labels=mostly(
+                st.dictionaries(st.sampled_from(["rack", "firmware"]), st.sampled_from(["a", ""])),
+                st.dictionaries(values.text(), values.text(), max_size=2),
+            ),
+            properties=st.one_of(
+                st.dictionaries(st.sampled_from(["temp"]), st.floats(-100, 100)),
+                st.dictionaries(st.sampled_from(["temp", ""]), values.floats(), max_size=2),
+            ),
+        )
+
+    # A board of its own (new), or one another worker has: stealing is refused.
+    update = reports(
+        st.one_of(
+            st.integers(0, 10**6).map(lambda i: f"fz-d{i}"),
+            pools.pick(lambda: pools.devices, "fz-d0"),
+        )
     )
+
+    def then_reports(register: Any) -> st.SearchStrategy[Any]:
+        """After the Register, reports about its own boards mostly (they are applied)."""
+        own = [d.device_id for d in register.devices] or ["fz-d0"]
+        # Drawn by index: how many boards it has depends on the live pools, the draws must not.
+        device = st.integers(0, 7).map(lambda i: own[i % len(own)])
+        later = st.one_of(reports(device), reports(device), update)
+        return st.lists(later.map(lambda u: cpb.WorkerSessionRequest(device_update=u)), max_size=3)
+
     register = st.builds(
         cpb.Register,
         name=st.one_of(st.integers(0, 10**6).map(lambda i: f"fz-w{i}"), pools.worker()),
         endpoint=st.just("127.0.0.1:7000"),
         version=st.just("0.1.0"),
         modes=st.just(["pulsecount", "varmax"]),
-        devices=st.lists(update, max_size=3, unique_by=lambda u: u.device_id),
+        devices=st.lists(update, max_size=3).map(lambda us: distinct(us, lambda u: u.device_id)),
     )
     session_messages = st.one_of(
         st.builds(rpb.SessionRequest, ping=st.builds(rpb.Ping, nonce=st.integers(0, 99))),
@@ -264,10 +293,9 @@ def shapes(pools: Pools) -> dict[str, st.SearchStrategy[Any]]:
             ),
             st.lists(session_messages, max_size=3),
         ).map(lambda p: (rpb.SessionRequest(hello=p[0]), *p[1])),
-        "ControlService.WorkerSession": st.tuples(
-            register,
-            st.lists(update.map(lambda u: cpb.WorkerSessionRequest(device_update=u)), max_size=3),
-        ).map(lambda p: (cpb.WorkerSessionRequest(register=p[0]), *p[1])),
+        "ControlService.WorkerSession": register.flatmap(
+            lambda r: then_reports(r).map(lambda u: (cpb.WorkerSessionRequest(register=r), *u))
+        ),
         "WorkerService.Evaluate": st.lists(bitstream, min_size=1, max_size=3).map(
             lambda items: tuple(wpb.EvaluateRequest(bitstream=b) for b in items)
         ),

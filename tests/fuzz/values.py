@@ -77,9 +77,11 @@ _FLOAT_EDGES = (0.0, -0.0, 1.0, -1.0, float("nan"), float("inf"), float("-inf"),
 
 
 def integers(low: int, high: int) -> st.SearchStrategy[int]:
-    """Any integer of the range, often one of its limits or a well-known edge."""
-    edges = sorted({v for v in (*_EDGE_INTS, low, high) if low <= v <= high})
-    return st.one_of(st.integers(low, high), st.sampled_from(edges))
+    """Any integer of the range, often a well-known edge, often one of the widest values (the
+    limits of the type, and 2**63 and up, which a signed 64-bit column cannot hold)."""
+    edges = sorted({v for v in _EDGE_INTS if low <= v <= high})
+    wide = sorted({v for v in (low, high, low + 1, high - 1, *_LIMITS) if low <= v <= high})
+    return st.one_of(st.integers(low, high), st.sampled_from(edges), st.sampled_from(wide[::-1]))
 
 
 def floats(width: int = 64) -> st.SearchStrategy[float]:

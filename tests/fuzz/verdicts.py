@@ -69,7 +69,7 @@ _LEAKS_ANY_CASE = ["traceback", "sqlalchemy", "psycopg", "sqlite3"]
 
 @dataclass(frozen=True)
 class Failure:
-    kind: str  # code | leak | hang | bad-invalid-argument | invariant | fuzzer
+    kind: str  # code | leak | hang | cut-off | bad-invalid-argument | invariant | fuzzer
     rpc: str
     code: str
     detail: str
@@ -152,6 +152,22 @@ def leaks(case: Case, outcome: Outcome) -> list[str]:
     return sorted(set(found))
 
 
+# How a registered worker's stream may end: by the worker, by a newer session or going
+# offline (register again), or by gRPC's own limits.
+_WORKER_STREAM_ENDS = frozenset({C.OK, C.UNAVAILABLE, C.RESOURCE_EXHAUSTED})
+
+
+def _worker_cut_off(case: Case, outcome: Outcome) -> bool:
+    """A registered worker's stream ended because of one of its messages: a refused report
+    must be refused alone (logged), never cut off a worker that runs many boards."""
+    if case.rpc.key != "ControlService.WorkerSession" or case.raw is not None:
+        return False
+    registered = any(
+        getattr(r, "WhichOneof", lambda _: None)("kind") == "registered" for r in outcome.responses
+    )
+    return registered and outcome.code not in _WORKER_STREAM_ENDS
+
+
 def judge(case: Case, outcome: Outcome) -> list[Failure]:
     """What is wrong with how the server answered `case` (nothing, for a correct answer)."""
     rpc, code = case.rpc.key, outcome.code.name
@@ -167,6 +183,8 @@ def judge(case: Case, outcome: Outcome) -> list[Failure]:
         problems.append(
             Failure("hang", rpc, "-", "the stream was neither answered nor ended", described)
         )
+    if _worker_cut_off(case, outcome):
+        problems.append(Failure("cut-off", rpc, code, outcome.details[:300], described))
     if outcome.code == C.INVALID_ARGUMENT:
         infos, fields = _details(outcome)
         reasons = {i.reason for i in infos}
