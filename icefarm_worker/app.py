@@ -17,10 +17,11 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from icefarm.handlers import add_servicer
 from icefarm.limits import MAX_WORKER_MESSAGE_BYTES
 from icefarm.reflection import enable_reflection
 from icefarm.server_options import server_options
-from icefarm.v1 import worker_service_pb2, worker_service_pb2_grpc
+from icefarm.v1 import worker_service_pb2
 from icefarm_worker.access import Access
 from icefarm_worker.backends import Hardware, open_hardware
 from icefarm_worker.commands import CommandHandler
@@ -31,7 +32,8 @@ from icefarm_worker.service import WorkerServicer
 from icefarm_worker.session import ControlSession, Identity
 
 log = structlog.get_logger(__name__)
-SERVICE_NAME = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+WORKER_SERVICE = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"]
+SERVICE_NAME = WORKER_SERVICE.full_name
 # The largest request is an EvaluateRequest: one bitstream plus its id and device id (room
 # for those and the framing). A bigger message is refused by gRPC (RESOURCE_EXHAUSTED) before
 # it is read whole; one between the two limits is INVALID_ARGUMENT naming bitstream.data.
@@ -143,7 +145,8 @@ class WorkerApp:
             hw.usbip.port if hw.usbip is not None else None,
             self.config.evaluate_queue_per_board,
         )
-        worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, server)
+        # Bytes that are not the request message are INVALID_ARGUMENT (icefarm/handlers.py).
+        add_servicer(server, WORKER_SERVICE, self.servicer)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))

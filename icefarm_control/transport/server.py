@@ -5,13 +5,12 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from icefarm.handlers import add_servicer
 from icefarm.reflection import enable_reflection
 from icefarm.server_options import server_options
 from icefarm.v1 import (
     control_service_pb2,
-    control_service_pb2_grpc,
     reservation_service_pb2,
-    reservation_service_pb2_grpc,
 )
 from icefarm_control.domain.settings import MAX_MESSAGE_BYTES
 from icefarm_control.transport.control import ControlServicer
@@ -35,12 +34,9 @@ def build_server(
     """A server with every service added and bound to `listen`; returns it and its port.
     Every request message passes the edge check (transport/validation.py) first."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    reservation_service_pb2_grpc.add_ReservationServiceServicer_to_server(
-        validated(reservations, RESERVATION_SERVICE), server
-    )
-    control_service_pb2_grpc.add_ControlServiceServicer_to_server(
-        validated(control, CONTROL_SERVICE), server
-    )
+    # Bytes that are not the request message are INVALID_ARGUMENT (icefarm/handlers.py).
+    add_servicer(server, RESERVATION_SERVICE, validated(reservations, RESERVATION_SERVICE))
+    add_servicer(server, CONTROL_SERVICE, validated(control, CONTROL_SERVICE))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
