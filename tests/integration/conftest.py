@@ -136,6 +136,18 @@ async def fast(database_url: str) -> AsyncIterator[RunningControl]:
 
 
 @pytest.fixture
+async def steady(database_url: str) -> AsyncIterator[RunningControl]:
+    """Fast command timers but liveness timers long enough that a loaded machine never takes
+    a worker offline behind a test's back: for tests whose subject is not liveness."""
+    from tests.integration.worker_farm import fast_control
+
+    async with fast_control(
+        database_url, offline_timeout=timedelta(seconds=30), worker_grace=timedelta(seconds=60)
+    ) as control:
+        yield control
+
+
+@pytest.fixture
 async def workers() -> AsyncIterator[list[StandinWorker]]:
     """Stand-in workers started by the test (stopped at the end)."""
     from tests.integration.worker_farm import stand_ins

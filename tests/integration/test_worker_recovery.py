@@ -47,37 +47,37 @@ async def ready(control: RunningControl, board: str) -> None:
 
 
 async def test_a_worker_that_reconnects_holding_the_board_keeps_the_reservation(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
+    worker = await start_worker(steady, workers, devices=1)
     (board,) = worker.device_ids
-    grant = await reserve(fast, "alice", count=1)
-    await ready(fast, board)
+    grant = await reserve(steady, "alice", count=1)
+    await ready(steady, board)
     await worker.close()
 
-    again = StandinWorker(fast.address, "lab-a", [board])
+    again = StandinWorker(steady.address, "lab-a", [board])
     again.boards[board].state = tpb.DEVICE_STATE_READY
     again.boards[board].reservation_id = grant.reservation.id
     workers.append(again)
     await again.start()
-    found = await device(fast, board)
+    found = await device(steady, board)
     assert (found.state, found.reservation_id) == (tpb.DEVICE_STATE_READY, grant.reservation.id)
-    assert await events_of(fast.database, "alice", "reservation_ended") == []
+    assert await events_of(steady.database, "alice", "reservation_ended") == []
 
 
 async def test_a_worker_that_reconnects_without_the_hold_loses_it(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
+    worker = await start_worker(steady, workers, devices=1)
     (board,) = worker.device_ids
-    grant = await reserve(fast, "alice", count=1)
-    await ready(fast, board)
+    grant = await reserve(steady, "alice", count=1)
+    await ready(steady, board)
     await worker.close()
 
-    forgetful = await start_worker(fast, workers, devices=1)  # reports the board AVAILABLE
+    forgetful = await start_worker(steady, workers, devices=1)  # reports the board AVAILABLE
     released = (await forgetful.wait_for("release_device")).release_device
     assert released.reservation_id == grant.reservation.id
-    assert await events_of(fast.database, "alice", "reservation_ended") == [
+    assert await events_of(steady.database, "alice", "reservation_ended") == [
         {
             "reservation_id": grant.reservation.id,
             "device_ids": [board],
@@ -87,7 +87,7 @@ async def test_a_worker_that_reconnects_without_the_hold_loses_it(
     ]
 
     async def free_again() -> bool:
-        return await free_are(fast, [board])
+        return await free_are(steady, [board])
 
     await eventually(free_again, what="the board being free again")
 
@@ -139,49 +139,49 @@ async def test_a_dropped_stream_takes_the_boards_out_at_once_and_a_reconnect_bri
 
 
 async def test_drain_worker_stops_new_reservations_tells_holders_and_completes(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=2)
-    grant = await reserve(fast, "alice", count=1)
+    worker = await start_worker(steady, workers, devices=2)
+    grant = await reserve(steady, "alice", count=1)
     (held,) = [d.id for d in grant.reservation.devices]
     await worker.wait_for("prepare_device")
 
-    answer = await fast.control.DrainWorker(
+    answer = await steady.control.DrainWorker(
         cpb.DrainWorkerRequest(worker="lab-a", timeout=seconds(30))
     )
     assert answer.worker.state == tpb.WORKER_STATE_DRAINING
-    assert await free_ids(fast) == []
+    assert await free_ids(steady) == []
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await reserve(fast, "bob", count=1)  # one board is free, but its worker is draining
+        await reserve(steady, "bob", count=1)  # one board is free, but its worker is draining
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert reason_of(refused.value) == "NOT_ENOUGH_DEVICES"
 
-    assert await events_of(fast.database, "alice", "worker_draining") == [
+    assert await events_of(steady.database, "alice", "worker_draining") == [
         {"worker": "lab-a", "device_ids": [held], "reservation_ids": [grant.reservation.id]}
     ]
     drain = (await worker.wait_for("drain")).drain
     assert 29 <= drain.timeout.ToTimedelta().total_seconds() <= 30
     assert "drain_complete" not in worker.kinds()
 
-    await release(fast, "alice", grant.reservation.id)
+    await release(steady, "alice", grant.reservation.id)
     await worker.wait_for("drain_complete")
     assert worker.kinds().count("drain_complete") == 1
 
 
 async def test_a_worker_that_drains_itself_gets_drain_complete_but_no_drain(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
-    grant = await reserve(fast, "alice", count=1)
+    worker = await start_worker(steady, workers, devices=1)
+    grant = await reserve(steady, "alice", count=1)
     await worker.wait_for("prepare_device")
     await worker.draining(60)
 
     async def told() -> list[dict[str, object]]:
-        return await events_of(fast.database, "alice", "worker_draining")
+        return await events_of(steady.database, "alice", "worker_draining")
 
     await eventually(told, what="the holder hearing of the drain")
-    assert await worker_state(fast) == tpb.WORKER_STATE_DRAINING
-    await release(fast, "alice", grant.reservation.id)
+    assert await worker_state(steady) == tpb.WORKER_STATE_DRAINING
+    await release(steady, "alice", grant.reservation.id)
     await worker.wait_for("drain_complete")
     assert "drain" not in worker.kinds()
 

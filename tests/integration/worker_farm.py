@@ -50,9 +50,9 @@ def fast_config(database_url: str, **changes: Any) -> ControlConfig:
 
 
 @contextlib.asynccontextmanager
-async def fast_control(database_url: str) -> AsyncIterator[RunningControl]:
-    """A control served in this process with second-scale timers."""
-    app = ControlApp(fast_config(database_url))
+async def fast_control(database_url: str, **changes: Any) -> AsyncIterator[RunningControl]:
+    """A control served in this process with second-scale timers (`changes` to FAST)."""
+    app = ControlApp(fast_config(database_url, **changes))
     port = await app.start()
     try:
         async with connected(f"127.0.0.1:{port}", app) as control:
