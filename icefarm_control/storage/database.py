@@ -111,8 +111,14 @@ class Database:
                 async with conn.begin():
                     yield conn
                     topics = take_touched(conn)
-            finally:
-                take_touched(conn)
+            except BaseException:
+                # Forget the topics of what did not commit. On a connection the server closed,
+                # reading its `info` makes SQLAlchemy reconnect outside its greenlet
+                # (MissingGreenlet), which would hide the real error (a lost database is
+                # UNAVAILABLE, which callers retry): that cleanup may fail, the error stands.
+                with contextlib.suppress(Exception):
+                    take_touched(conn)
+                raise
         self.published(topics)
 
     def published(self, topics: set[str]) -> None:
