@@ -11,7 +11,7 @@ Three origins, mixed in every RPC's strategy:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import text_format
@@ -89,7 +89,6 @@ class Case:
     half_close: bool = True
     # WorkerSession: answer each command received (ok or not) while the stream is open.
     answer_commands: bool | None = None
-    notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         # Short: hypothesis prints the cases of a round when the run stops.

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ MIN_FREE = 3
 MAX_STANDINS = 40
 BOARDS_PER_STANDIN = 4
 WORKER_BOARDS = 3
+# How long the worker target waits for a board it reserved to be READY (flashing its mode).
+READY_SECONDS = 10.0
 
 
 async def _ids(database: Database) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -181,27 +184,47 @@ class WorkerTarget:
     async def upkeep(self) -> None:
         """Hold two boards READY (one reservation each); a reservation whose board the cases
         broke is released (its token joins the stale ones) and replaced when a board is free."""
-        from tests.worker.daemon.harness import reserve_ready
-
         states = await self._board_states()
         for answer in list(self.held):
             board = answer.reservation.devices[0].id
             if states.get(board) not in (tpb.DEVICE_STATE_READY, tpb.DEVICE_STATE_RESERVED):
                 self.held.remove(answer)
                 self.stale.append(answer.token)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.control.reservations.Release(  # type: ignore[misc]
-                        rpb.ReleaseRequest(reservation_ids=[answer.reservation.id]),
-                        metadata=as_client(answer.reservation.client_id),
-                        timeout=10,
-                    )
+                await self._release(answer)
         free = [d for d, s in states.items() if s == tpb.DEVICE_STATE_AVAILABLE]
         while len(self.held) < 2 and free:
             free.pop()
-            client = CLIENTS[len(self.held)]
-            with contextlib.suppress(grpc.aio.AioRpcError, AssertionError):
-                self.held.append(await reserve_ready(self.control, client, 1))
-        self.refresh_pools(states)
+            reserved = await self._reserve_ready(CLIENTS[len(self.held)])
+            if reserved is not None:
+                self.held.append(reserved)
+        self.refresh_pools(await self._board_states())
+
+    async def _reserve_ready(self, client: str) -> rpb.ReserveResponse | None:
+        """One board in pulsecount, READY within READY_SECONDS; else released again."""
+        try:
+            answer: rpb.ReserveResponse = await self.control.reservations.Reserve(  # type: ignore[misc]
+                rpb.ReserveRequest(count=1, mode="pulsecount"),
+                metadata=as_client(client),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        board = answer.reservation.devices[0].id
+        deadline = asyncio.get_running_loop().time() + READY_SECONDS
+        while asyncio.get_running_loop().time() < deadline:
+            if (await self._board_states()).get(board) == tpb.DEVICE_STATE_READY:
+                return answer
+            await asyncio.sleep(0.05)
+        await self._release(answer)
+        return None
+
+    async def _release(self, answer: rpb.ReserveResponse) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.control.reservations.Release(  # type: ignore[misc]
+                rpb.ReleaseRequest(reservation_ids=[answer.reservation.id]),
+                metadata=as_client(answer.reservation.client_id),
+                timeout=10,
+            )
 
     def refresh_pools(self, states: dict[str, int]) -> None:
         self.pools.devices = sorted(states)

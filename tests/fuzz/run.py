@@ -99,10 +99,16 @@ class Runner:
 
     async def run(self, case: Case) -> None:
         self.count += 1
-        if self.count % REFRESH_EVERY == 0:
-            await self.target.refresh()
-        if self.count % UPKEEP_EVERY == 0:
-            await self.target.upkeep()
+        try:
+            if self.count % REFRESH_EVERY == 0:
+                await self.target.refresh()
+            if self.count % UPKEEP_EVERY == 0:
+                await self.target.upkeep()
+        except Exception as error:
+            # The farm's own upkeep failed (an answer it relies on): worth seeing, not fatal.
+            self.tally.failures.append(
+                Failure("fuzzer", "upkeep", "-", repr(error)[:300], case.describe())
+            )
         started = time.monotonic()
         try:
             outcome = await execute.run(self.target.channel_for(case.rpc), case)
