@@ -23,7 +23,7 @@ from tests.fuzz.cases import Case
 UNARY_TIMEOUT = 10.0
 RESERVE_TIMEOUT = 2.0
 EVALUATE_TIMEOUT = 15.0
-STREAM_WINDOW = {"Session": 0.12, "WorkerSession": 0.3, "WatchEvents": 0.1, "Evaluate": 6.0}
+STREAM_WINDOW = {"Session": 0.12, "WorkerSession": 0.3, "WatchEvents": 0.1, "Evaluate": 10.0}
 # A stream the server must end by itself (Case.must_end) gets this long at least: ending it is
 # immediate, so only a server that never ends it waits this out (a loaded machine does not).
 MUST_END_WINDOW = 3.0
