@@ -13,6 +13,7 @@ import contextlib
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from hypothesis.errors import HypothesisDeprecationWarning
 
 from icefarm_control.storage.database import Database
 from tests import invariants
@@ -211,7 +213,12 @@ def run_cases(
     with tempfile.TemporaryDirectory(prefix="icefarm-hypothesis-") as home:
         set_hypothesis_home_dir(home)
         try:
-            with contextlib.suppress(_TimeUp):
+            with contextlib.suppress(_TimeUp), warnings.catch_warnings():
+                # The servers' thread uses `random` (jittered timers) while hypothesis draws;
+                # hypothesis takes that for a strategy using it.
+                warnings.filterwarnings(
+                    "ignore", "Do not use the `random` module", HypothesisDeprecationWarning
+                )
                 one_round()
         finally:
             set_hypothesis_home_dir(None)
