@@ -10,7 +10,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -117,39 +117,49 @@ class ReservationEngine:
             return self.grant(new_reservation_row(reservation_id, client_id, spec, quick, now))
         async with self.db.write() as tx:
             now = self.clock.now()
-            if spec.request_id:
-                earlier = await q.reservation_by_request(tx, client_id, spec.request_id)
-                if earlier is not None:
-                    return self.grant(earlier)
-            if spec.device_ids:
-                known = await q.existing_device_ids(tx, spec.device_ids)
-                unknown = [d for d in spec.device_ids if d not in known]
-                if unknown:
-                    raise NotFound(f"no device {unknown[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
-            taken = await q.take_free_devices_fast(
-                tx, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
-            )
-            if taken is None:
-                demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
-                taken = await self.queue.allocate(tx, now, extra=demand)
-            if taken is not None:
-                row = await self.ledger.create(tx, client_id, spec, taken, now)
-                return self.grant(row)
-            if spec.device_ids and spec.wait <= timedelta(0):
-                unusable = await q.unusable_devices(tx, spec.device_ids)
-                if unusable:
-                    raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
-            shortage = await self._shortage(tx, spec)
-            never = shortage.counts.get("matching", spec.needed) < spec.needed
-            if spec.wait <= timedelta(0) or (never and not spec.wait_for_new_devices):
-                raise shortage
-            waiter_id = await self.queue.enqueue(tx, client_id, spec)
-        served = await self.queue.wait(waiter_id, now + spec.wait)
+            answer = await self._reserve_or_queue(tx, client_id, spec, now)
+        if isinstance(answer, Grant):
+            return answer
+        served = await self.queue.wait(answer, now + spec.wait)
         if served is None:
             async with self.db.read() as tx:
                 shortage = await self._shortage(tx, spec)
             raise NotEnoughDevices(shortage.message, waited=True, counts=shortage.counts)
         return self.grant(served)
+
+    async def _reserve_or_queue(
+        self, tx: Transaction, client_id: str, spec: ReserveSpec, now: datetime
+    ) -> Grant | int:
+        """The general path in one transaction: the grant, or the queue entry to wait on."""
+        if spec.request_id:
+            earlier = await q.reservation_by_request(tx, client_id, spec.request_id)
+            if earlier is not None:
+                return self.grant(earlier)
+            queued = await self.queue.adopt(tx, client_id, spec)
+            if queued is not None:
+                return queued
+        if spec.device_ids:
+            known = await q.existing_device_ids(tx, spec.device_ids)
+            unknown = [d for d in spec.device_ids if d not in known]
+            if unknown:
+                raise NotFound(f"no device {unknown[0]!r}", reason=Reason.DEVICE_NOT_FOUND)
+        taken = await q.take_free_devices_fast(
+            tx, selector=spec.selector, count=spec.count, device_ids=spec.device_ids
+        )
+        if taken is None:
+            demand = Demand(NEW_REQUEST, spec.count, spec.device_ids, spec.selector)
+            taken = await self.queue.allocate(tx, now, extra=demand)
+        if taken is not None:
+            return self.grant(await self.ledger.create(tx, client_id, spec, taken, now))
+        if spec.device_ids and spec.wait <= timedelta(0):
+            unusable = await q.unusable_devices(tx, spec.device_ids)
+            if unusable:
+                raise FailedPrecondition(f"cannot reserve: {'; '.join(unusable)}")
+        shortage = await self._shortage(tx, spec)
+        never = shortage.counts.get("matching", spec.needed) < spec.needed
+        if spec.wait <= timedelta(0) or (never and not spec.wait_for_new_devices):
+            raise shortage
+        return await self.queue.enqueue(tx, client_id, spec)
 
     async def _shortage(self, tx: Transaction, spec: ReserveSpec) -> NotEnoughDevices:
         """The error for a request that cannot be met now, with wanted / matching / free."""

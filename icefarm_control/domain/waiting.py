@@ -68,6 +68,7 @@ class WaitingLine:
         """Plan the whole queue (plus `extra` at its tail) over every free device, serve the
         queued requests that can be served, and return what `extra` gets."""
         await q.lock_allocation(tx)
+        await waiter_q.cancel_waiters_of_dead_replicas(tx, now - self.timers.replica_stale_after)
         free = await q.lock_free_devices(tx)
         if not free:
             return None
@@ -142,6 +143,23 @@ class WaitingLine:
         self._waiting.add(waiter_id)
         return waiter_id
 
+    async def adopt(self, tx: Transaction, client_id: str, spec: ReserveSpec) -> int | None:
+        """A retry of a request still queued (its first attempt's replica died or its answer
+        was lost) waits on that entry instead of queueing a second one, which would leave the
+        first to be served for nobody."""
+        if not spec.request_id:
+            return None
+        waiter_id = await waiter_q.adopt_waiter(
+            tx,
+            client_id=client_id,
+            request_id=spec.request_id,
+            replica_id=self.replica_id,
+            deadline=self.clock.now() + spec.wait,
+        )
+        if waiter_id is not None:
+            self._waiting.add(waiter_id)
+        return waiter_id
+
     async def wait(self, waiter_id: int, deadline: datetime) -> ReservationRow | None:
         """Wait for our queue entry to be served; withdraw it on timeout (None: nothing is
         held) or cancellation (what the queue handed us meanwhile is given back). Whichever
@@ -192,6 +210,9 @@ class WaitingLine:
     async def _abandon(self, waiter_id: int) -> None:
         """The caller went away: withdraw, and give back a reservation served meanwhile."""
         async with self.db.write() as tx:
+            waiter = await waiter_q.get_waiter(tx, waiter_id)
+            if waiter is None or waiter.replica_id != self.replica_id:
+                return  # a retry of the same request took the entry over: it is theirs now
             if await waiter_q.cancel_waiter(tx, waiter_id):
                 return
             waiter = await waiter_q.get_waiter(tx, waiter_id)

@@ -57,6 +57,7 @@ from icefarm_control.domain.settings import MAX_DRAIN_TIMEOUT, Limits, Timers
 from icefarm_control.domain.states import DeviceState, EndReason, WorkerState
 from icefarm_control.storage import outbox, replicas
 from icefarm_control.storage import queries as q
+from icefarm_control.storage import waiter_queries as waiter_q
 from icefarm_control.storage import worker_queries as wq
 from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.records import DeviceRow, WorkerRow
@@ -141,6 +142,7 @@ class WorkerRegistry:
         (on SQLite: every other one, since one control serves a file) end at once."""
         now = self.clock.now()
         async with self.db.write() as conn:
+            await waiter_q.cancel_waiters_of_other_processes(conn, self.replica_id)
             await replicas.announce(conn, self.replica_id, now)
             dead = await take_dead_sessions_offline(conn, now, self.timers, self.replica_id)
         for session in dead:

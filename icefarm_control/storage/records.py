@@ -99,6 +99,8 @@ class WaiterRow:
     deadline: datetime
     state: str
     reservation_id: str | None
+    # The replica whose Reserve call waits on it.
+    replica_id: str = ""
 
     @staticmethod
     def from_mapping(row: Any) -> WaiterRow:
@@ -116,4 +118,5 @@ class WaiterRow:
             deadline=row.deadline,
             state=row.state,
             reservation_id=row.reservation_id,
+            replica_id=row.replica_id,
         )

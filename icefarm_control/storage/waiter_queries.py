@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import delete, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from icefarm_control.storage.models import waiters
+from icefarm_control.storage.models import replicas, waiters
 from icefarm_control.storage.records import WaiterRow
 
 WAITING = "WAITING"
@@ -59,6 +59,30 @@ async def insert_waiter(
     return waiter_id
 
 
+async def adopt_waiter(
+    conn: AsyncConnection,
+    *,
+    client_id: str,
+    request_id: str,
+    replica_id: str,
+    deadline: datetime,
+) -> int | None:
+    """A retried Reserve (same client and request id) whose first attempt is still queued takes
+    that queue entry over, place in line included; its id, or None when there is none."""
+    result = await conn.execute(
+        update(waiters)
+        .where(
+            waiters.c.state == WAITING,
+            waiters.c.client_id == client_id,
+            waiters.c.request_id == request_id,
+        )
+        .values(replica_id=replica_id, deadline=deadline)
+        .returning(waiters.c.id)
+    )
+    row = result.first()
+    return None if row is None else int(row[0])
+
+
 async def waiting(conn: AsyncConnection, *, lock: bool = False) -> list[WaiterRow]:
     """The queue, in arrival order. `lock`: the rows stay locked until the transaction ends,
     so a caller withdrawing its request waits for the plan being made (and is then found
@@ -99,6 +123,32 @@ async def cancel_expired_waiters(conn: AsyncConnection, before: datetime) -> int
     result = await conn.execute(
         update(waiters)
         .where(waiters.c.state == WAITING, waiters.c.deadline < before)
+        .values(state=CANCELLED)
+    )
+    return result.rowcount
+
+
+async def cancel_waiters_of_dead_replicas(conn: AsyncConnection, stale_since: datetime) -> int:
+    """Withdraw queued requests made through a replica that has not refreshed its row since
+    `stale_since`: it died, its callers were told nothing or retried elsewhere, and serving
+    them would hold boards for nobody."""
+    dead = select(replicas.c.id).where(replicas.c.last_seen_time < stale_since)
+    result = await conn.execute(
+        update(waiters)
+        .where(waiters.c.state == WAITING, waiters.c.replica_id.in_(dead))
+        .values(state=CANCELLED)
+    )
+    return result.rowcount
+
+
+async def cancel_waiters_of_other_processes(conn: AsyncConnection, replica_id: str) -> int:
+    """SQLite: one control process serves a file, so at its start every queued request of
+    another replica id belongs to a process that is gone."""
+    if conn.dialect.name != "sqlite":
+        return 0
+    result = await conn.execute(
+        update(waiters)
+        .where(waiters.c.state == WAITING, waiters.c.replica_id != replica_id)
         .values(state=CANCELLED)
     )
     return result.rowcount

@@ -25,6 +25,7 @@ from icefarm_control.domain.settings import Limits, Timers
 from icefarm_control.domain.states import DeviceState
 from icefarm_control.domain.tokens import TokenSigner
 from icefarm_control.storage import queries as q
+from icefarm_control.storage import replicas
 from icefarm_control.storage import waiter_queries as waiter_q
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.testing import register_device, register_worker, seed_farm
@@ -136,6 +137,86 @@ async def test_a_withdrawn_waiter_is_never_served(
     await engine.release("alice", reservation_ids=[first.reservation.id])
     assert await active_reservation_ids(database) == set()
     assert await engine.availability("") == ids
+
+
+async def test_a_request_queued_through_a_replica_that_died_is_withdrawn_not_served(
+    database: Database, engine: ReservationEngine
+) -> None:
+    """Its caller is gone (or retried elsewhere and was told its own answer): serving it would
+    hold a board for nobody (found by the soak: "refused yet holds")."""
+    ids = await seed_farm(database, boards_per_worker=1)
+    first = await engine.reserve("alice", spec(1))
+    long_ago = datetime.now(UTC) - timedelta(minutes=1)
+    async with database.write() as conn:
+        await replicas.refresh(conn, "dead-replica", long_ago)
+        orphan = await waiter_q.insert_waiter(
+            conn,
+            client_id="bob",
+            count=1,
+            device_ids=(),
+            selector="",
+            mode="",
+            mode_args={},
+            lease_seconds=3600,
+            request_id=None,
+            now=long_ago,
+            deadline=datetime.now(UTC) + timedelta(minutes=5),
+            replica_id="dead-replica",
+        )
+    await engine.release("alice", reservation_ids=[first.reservation.id])
+    await engine.serve_waiters()
+    async with database.read() as conn:
+        row = await waiter_q.get_waiter(conn, orphan)
+    assert row is not None and row.state == waiter_q.CANCELLED and row.reservation_id is None
+    assert await active_reservation_ids(database) == set()
+    assert await engine.availability("") == ids
+
+
+async def test_a_retried_reserve_waits_on_its_first_attempts_queue_entry(
+    database: Database, engine: ReservationEngine
+) -> None:
+    """The first attempt's replica died with the request queued; the client retries (same
+    request id) on another replica before the first is known dead: one entry, one answer."""
+    ids = await seed_farm(database, boards_per_worker=1)
+    first = await engine.reserve("alice", spec(1))
+    async with database.write() as conn:
+        orphan = await waiter_q.insert_waiter(
+            conn,
+            client_id="bob",
+            count=1,
+            device_ids=(),
+            selector="",
+            mode="",
+            mode_args={},
+            lease_seconds=3600,
+            request_id="retry-me",
+            now=datetime.now(UTC),
+            deadline=datetime.now(UTC) + timedelta(minutes=5),
+            replica_id="just-died",
+        )
+    retry = check_reserve(
+        count=1,
+        device_ids=(),
+        selector="",
+        mode="",
+        mode_args={},
+        lease=None,
+        wait=timedelta(seconds=30),
+        request_id="retry-me",
+        default_lease=timedelta(minutes=60),
+        limits=Limits(),
+    )
+    waiting = asyncio.create_task(engine.reserve("bob", retry))
+    await _until(database, lambda n: n == 1)
+    await engine.release("alice", reservation_ids=[first.reservation.id])
+    grant = await asyncio.wait_for(waiting, 10)
+    async with database.read() as conn:
+        served = await waiter_q.get_waiter(conn, orphan)
+        all_waiters = await waiter_q.waiting(conn)
+    assert served is not None and served.reservation_id == grant.reservation.id
+    assert all_waiters == []
+    assert await active_reservation_ids(database) == {grant.reservation.id}
+    assert [d.id for d in grant.reservation.devices] == ids
 
 
 async def test_removing_a_board_while_a_request_waits_leaves_nobody_holding_it(
