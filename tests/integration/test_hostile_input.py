@@ -238,27 +238,27 @@ async def test_a_watch_with_a_nul_selector_is_refused_and_other_watches_are_stil
 
 
 async def test_a_device_update_with_a_nul_label_is_refused_and_the_stream_goes_on(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
+    worker = await start_worker(steady, workers, devices=1)
     board = worker.device_ids[0]
     await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"room": "a\x00"})
     await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"after": "1"})
-    await _labels_become(fast, board, {"after": "1"})  # and never the room with a NUL
+    await _labels_become(steady, board, {"after": "1"})  # and never the room with a NUL
     assert not worker.ended.is_set()
 
 
 async def test_an_infinite_property_is_refused_and_a_following_update_applies(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
+    worker = await start_worker(steady, workers, devices=1)
     board = worker.device_ids[0]
     for bad in (math.inf, -math.inf):
         await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, properties={"temp_c": bad})
     await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"after": "1"})
 
     async def applied() -> tpb.Device | None:
-        found = await device(fast, board)
+        found = await device(steady, board)
         return found if "after" in found.labels else None
 
     found = await eventually(applied, what="the good update after the bad ones")
@@ -288,10 +288,10 @@ async def without_edge_check(control: RunningControl) -> AsyncIterator[str]:
 
 
 async def test_a_message_that_fails_past_the_edge_is_refused_alone_and_the_stream_goes_on(
-    fast: RunningControl,
+    steady: RunningControl,
 ) -> None:
     # PostgreSQL refuses to store the NUL: the one message fails, the stream must not.
-    async with without_edge_check(fast) as address:
+    async with without_edge_check(steady) as address:
         worker = StandinWorker(address, "lab-a", 1)
         await worker.start()
         try:
@@ -300,7 +300,7 @@ async def test_a_message_that_fails_past_the_edge_is_refused_alone_and_the_strea
             await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, labels={"after": "1"})
 
             async def applied() -> bool:
-                return (await device(fast, board)).labels.get("after") == "1"
+                return (await device(steady, board)).labels.get("after") == "1"
 
             await eventually(applied, what="the update after the failing one")
             assert not worker.ended.is_set()
@@ -309,15 +309,15 @@ async def test_a_message_that_fails_past_the_edge_is_refused_alone_and_the_strea
 
 
 async def test_nan_still_removes_a_property(
-    fast: RunningControl, workers: list[StandinWorker]
+    steady: RunningControl, workers: list[StandinWorker]
 ) -> None:
-    worker = await start_worker(fast, workers, devices=1)
+    worker = await start_worker(steady, workers, devices=1)
     board = worker.device_ids[0]
     await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, properties={"a": 1.0, "b": 2.0})
     await worker.report(board, tpb.DEVICE_STATE_AVAILABLE, properties={"a": math.nan})
 
     async def removed() -> bool:
-        return dict((await device(fast, board)).properties) == {"b": 2.0}
+        return dict((await device(steady, board)).properties) == {"b": 2.0}
 
     await eventually(removed, what="NaN removing a property")
 
@@ -344,17 +344,17 @@ async def _labels_become(control: RunningControl, board: str, labels: dict[str, 
     ids=["name", "device label"],
 )
 async def test_a_hostile_register_ends_the_stream_with_invalid_argument_naming_the_field(
-    fast: RunningControl, register: cpb.Register, field: str
+    steady: RunningControl, register: cpb.Register, field: str
 ) -> None:
     async def requests() -> AsyncIterator[cpb.WorkerSessionRequest]:
         yield cpb.WorkerSessionRequest(register=register)
         await asyncio.Event().wait()  # keep the stream open: the control must end it
 
-    call = fast.control.WorkerSession(requests())
+    call = steady.control.WorkerSession(requests())
     error = await refused(_read_until_failure(call))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields_of(error) == [field]
-    answer = await fast.control.ListWorkers(cpb.ListWorkersRequest())
+    answer = await steady.control.ListWorkers(cpb.ListWorkersRequest())
     assert list(answer.workers) == []
 
 
