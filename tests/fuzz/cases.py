@@ -256,6 +256,17 @@ def _flip(data: bytes, position: int, mask: int) -> bytes:
 # ---------------------------------------------------------------------------- cases
 
 
+def _as_holder(pair: tuple[tuple[str, str], Case]) -> Case:
+    """`case` sent by the holder of a board: its token, about its board."""
+    (token, board), case = pair
+    request = case.requests[0].__class__()
+    request.CopyFrom(case.requests[0])
+    request.device_id = board  # type: ignore[attr-defined]  # every such request has one
+    case.metadata = ((TOKEN_HEADER, token),)
+    case.requests = (request,)
+    return case
+
+
 def _first_kind(rpc: Rpc) -> str | None:
     """The message a stream must open with (its oneof member), if any."""
     return {"Session": "hello", "WorkerSession": "register"}.get(rpc.name)
@@ -320,10 +331,17 @@ def cases(rpc: Rpc, pools: Pools, origins: frozenset[str] = ORIGINS) -> st.Searc
         raw_count.flatmap(lambda n: st.lists(raw_bytes(rpc, plausible), min_size=n, max_size=n)),
         st.booleans(),
     ).map(lambda p: Case(rpc, "raw", p[0], (), tuple(p[1]), p[2]))
+    plausible_case = st.tuples(headers(pools, True), plausible_requests, flags).map(
+        build("plausible")
+    )
+    if rpc.service == "WorkerService" and not rpc.client_streaming:
+        # Half the time the token and the board of one reservation that holds it now: the
+        # call gets past the worker's checks and does the real work (flash, export, ...).
+        plausible_case = st.one_of(
+            plausible_case, st.tuples(pools.holder(), plausible_case).map(_as_holder)
+        )
     made = {
-        "plausible": st.tuples(headers(pools, True), plausible_requests, flags).map(
-            build("plausible")
-        ),
+        "plausible": plausible_case,
         "arbitrary": st.tuples(headers(pools, False), arbitrary_requests, flags).map(
             build("arbitrary")
         ),

@@ -230,6 +230,7 @@ class WorkerTarget:
         self.pools.devices = sorted(states)
         self.pools.reservations = [a.reservation.id for a in self.held]
         self.pools.tokens = [a.token for a in self.held]
+        self.pools.holders = [(a.token, a.reservation.devices[0].id) for a in self.held]
         self.pools.bad_tokens = self.stale[-3:] + self._odd_tokens()
 
     async def refresh(self) -> None:

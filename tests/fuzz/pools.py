@@ -42,6 +42,8 @@ class Pools:
     page_tokens: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     bad_tokens: list[str] = field(default_factory=list)
+    # (token, board) of each reservation holding a board of the fuzzed worker now.
+    holders: list[tuple[str, str]] = field(default_factory=list)
     clients: tuple[str, ...] = CLIENTS
 
     def pick(
@@ -84,6 +86,13 @@ class Pools:
             st.sampled_from(["", "not-a-token", "a.b", ".", "e30.AAAA"]),
         )
         return st.one_of(self.pick(lambda: self.tokens, "no-token"), bad)
+
+    def holder(self) -> st.SearchStrategy[tuple[str, str]]:
+        def choose(index: int) -> tuple[str, str]:
+            live = self.holders
+            return live[index % len(live)] if live else ("no-token", "")
+
+        return st.integers(0, 1 << 20).map(choose)
 
     def page_token(self) -> st.SearchStrategy[str]:
         return st.one_of(self.pick(lambda: self.page_tokens, ""), crafted_page_tokens())
