@@ -132,12 +132,14 @@ class ReservationEngine:
     ) -> Grant | int:
         """The general path in one transaction: the grant, or the queue entry to wait on."""
         if spec.request_id:
-            earlier = await q.reservation_by_request(tx, client_id, spec.request_id)
-            if earlier is not None:
-                return self.grant(earlier)
+            # Adopt first: taking the entry over waits for a serve of it in flight, and the
+            # read after it then sees the reservation that serve committed.
             queued = await self.queue.adopt(tx, client_id, spec)
             if queued is not None:
                 return queued
+            earlier = await q.reservation_by_request(tx, client_id, spec.request_id)
+            if earlier is not None:
+                return self.grant(earlier)
         if spec.device_ids:
             known = await q.existing_device_ids(tx, spec.device_ids)
             unknown = [d for d in spec.device_ids if d not in known]

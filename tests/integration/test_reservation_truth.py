@@ -207,7 +207,14 @@ async def test_a_retried_reserve_waits_on_its_first_attempts_queue_entry(
         limits=Limits(),
     )
     waiting = asyncio.create_task(engine.reserve("bob", retry))
-    await _until(database, lambda n: n == 1)
+    deadline = time.monotonic() + 10
+    while True:  # until the retry has taken the entry over
+        async with database.read() as conn:
+            row = await waiter_q.get_waiter(conn, orphan)
+        if row is not None and row.replica_id == engine.replica_id:
+            break
+        assert time.monotonic() < deadline, "the retry never took the queue entry over"
+        await asyncio.sleep(0.02)
     await engine.release("alice", reservation_ids=[first.reservation.id])
     grant = await asyncio.wait_for(waiting, 10)
     async with database.read() as conn:
