@@ -117,6 +117,13 @@ def private_cluster() -> Iterator[PgCluster]:
 def pg_cluster() -> Iterator[PgCluster]:
     """A private PostgreSQL cluster the test may stop and restart. Skipped where the server
     binaries or the postgres user are missing (a failure under CI, which has them)."""
+    require_private_cluster()
+    with private_cluster() as cluster:
+        yield cluster
+
+
+def require_private_cluster() -> None:
+    """Skip without PostgreSQL's server binaries or its user; under CI that is a failure."""
     try:
         pwd.getpwnam(USER)
         available = _bin_dir() is not None
@@ -127,5 +134,3 @@ def pg_cluster() -> Iterator[PgCluster]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    with private_cluster() as cluster:
-        yield cluster

@@ -27,7 +27,7 @@ from icefarm_control.domain.tokens import TokenSigner
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import replicas
 from icefarm_control.storage import waiter_queries as waiter_q
-from icefarm_control.storage.database import Database
+from icefarm_control.storage.database import Database, Transaction
 from icefarm_control.storage.testing import register_device, register_worker, seed_farm
 
 
@@ -149,20 +149,7 @@ async def test_a_request_queued_through_a_replica_that_died_is_withdrawn_not_ser
     long_ago = datetime.now(UTC) - timedelta(minutes=1)
     async with database.write() as conn:
         await replicas.refresh(conn, "dead-replica", long_ago)
-        orphan = await waiter_q.insert_waiter(
-            conn,
-            client_id="bob",
-            count=1,
-            device_ids=(),
-            selector="",
-            mode="",
-            mode_args={},
-            lease_seconds=3600,
-            request_id=None,
-            now=long_ago,
-            deadline=datetime.now(UTC) + timedelta(minutes=5),
-            replica_id="dead-replica",
-        )
+        orphan = await queue_for_bob(conn, replica_id="dead-replica", request_id=None, now=long_ago)
     await engine.release("alice", reservation_ids=[first.reservation.id])
     await engine.serve_waiters()
     async with database.read() as conn:
@@ -180,19 +167,8 @@ async def test_a_retried_reserve_waits_on_its_first_attempts_queue_entry(
     ids = await seed_farm(database, boards_per_worker=1)
     first = await engine.reserve("alice", spec(1))
     async with database.write() as conn:
-        orphan = await waiter_q.insert_waiter(
-            conn,
-            client_id="bob",
-            count=1,
-            device_ids=(),
-            selector="",
-            mode="",
-            mode_args={},
-            lease_seconds=3600,
-            request_id="retry-me",
-            now=datetime.now(UTC),
-            deadline=datetime.now(UTC) + timedelta(minutes=5),
-            replica_id="just-died",
+        orphan = await queue_for_bob(
+            conn, replica_id="just-died", request_id="retry-me", now=datetime.now(UTC)
         )
     retry = check_reserve(
         count=1,
@@ -317,6 +293,26 @@ async def test_waiting_for_new_devices_queues_beyond_the_farm(
     await engine.serve_waiters()
     grant = await asyncio.wait_for(waiting, 10)
     assert sorted(d.id for d in grant.reservation.devices) == ["a1", "a2"]
+
+
+async def queue_for_bob(
+    conn: Transaction, *, replica_id: str, request_id: str | None, now: datetime
+) -> int:
+    """A request of bob's for one device queued through `replica_id`, as its Reserve would."""
+    return await waiter_q.insert_waiter(
+        conn,
+        client_id="bob",
+        count=1,
+        device_ids=(),
+        selector="",
+        mode="",
+        mode_args={},
+        lease_seconds=3600,
+        request_id=request_id,
+        now=now,
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+        replica_id=replica_id,
+    )
 
 
 async def _until(database: Database, predicate: object, timeout: float = 10) -> None:

@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import random
 
 import pytest
 
-from tests.pg_cluster import USER, _bin_dir
+from tests.pg_cluster import require_private_cluster
 from tests.soak.farm import Sizes
 from tests.soak.report import summarise, text
 from tests.soak.run import Options, soak
 
 SECONDS = 60.0
-
-
-def require_private_cluster() -> None:
-    """Skip without PostgreSQL's server binaries or its user; under CI that is a failure."""
-    try:
-        pwd.getpwnam(USER)
-        available = _bin_dir() is not None
-    except KeyError:
-        available = False
-    if not available:
-        message = "no PostgreSQL server binaries or postgres user for the soak's cluster"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.mark.postgres
