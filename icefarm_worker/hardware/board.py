@@ -7,9 +7,16 @@ Flashing is four steps, each bounded by what remains of the caller's timeout:
 3. copy — write the `.uf2` into it (a plain write: UF2 bootloaders take nothing cleverer).
 4. serial — wait for the CDC port to come back, and check it opens.
 
-A UF2 drive does not say which board it belongs to, so steps 1 and 2 run under one lock per event
-loop: while a board waits for its drive, no other board of this worker enters its bootloader,
-and the only new drive is ours. A claimed drive is never handed to a second board.
+A UF2 drive's files do not say which board it belongs to, so steps 1 and 2 run under one lock
+per event loop: while a board waits for its drive, no other board of this worker enters its
+bootloader, and the only new drive is ours. A claimed drive is never handed to a second board.
+Where the board's own drive can be found (`own_drive`: udev's disk of the same USB serial
+number, or the simulator's drive directory), only that one is taken — which is what lets a
+board found already sitting in its bootloader (its port absent, e.g. its worker died mid-flash)
+be flashed while another board of the worker sits in its bootloader too.
+
+A board found in its bootloader has no port path yet (`serial_port` None): its CDC port is then
+found by serial number among `/dev/serial/by-id/usb-*_<serial>-if00`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from icefarm_worker.hardware import flashing
@@ -29,6 +36,8 @@ DRIVE_MARKERS = ("INDEX.HTM", "INFO_UF2.TXT")
 # network mount must not stall a flash).
 DRIVE_FSTYPES = frozenset({"vfat", "msdos", "fuseblk", "exfat"})
 POLL_INTERVAL = 0.02
+BY_ID = Path("/dev/serial/by-id")
+DISK_BY_ID = Path("/dev/disk/by-id")
 
 
 class _DriveClaims:
@@ -81,6 +90,31 @@ def uf2_drives(drive_search: Sequence[Path]) -> set[Path]:
     return {path for path in candidates if _is_uf2_drive(path)}
 
 
+def port_by_serial(serial: str, by_id: Path = BY_ID) -> str | None:
+    """The CDC data port (interface 00) of the USB device with serial number `serial`."""
+    found = sorted(by_id.glob(f"usb-*_{serial}-if00"))
+    return str(found[0]) if found else None
+
+
+def boot_drive_by_serial(
+    serial: str, disk_by_id: Path = DISK_BY_ID, mounts: Path = Path("/proc/mounts")
+) -> Path | None:
+    """Where the UF2 drive of the RP2350 bootloader with USB serial number `serial` is mounted
+    (its disk is `usb-RPI_RP2350_<serial>-0:0`, or a partition of it); None when it is not."""
+    disks = {os.path.realpath(link) for link in disk_by_id.glob(f"usb-*_{serial}-0:0*")}
+    if not disks:
+        return None
+    try:
+        text = mounts.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and os.path.realpath(fields[0]) in disks:
+            return Path(fields[1].encode().decode("unicode_escape"))
+    return None
+
+
 def _is_uf2_drive(path: Path) -> bool:
     try:
         return all((path / name).is_file() for name in DRIVE_MARKERS)
@@ -98,11 +132,11 @@ class SerialBoard:
         *,
         baudrate: int = 115200,
         poll_interval: float = POLL_INTERVAL,
+        own_drive: Callable[[], Path | None] | None = None,
     ) -> None:
-        if device.serial_port is None:
-            raise ValueError(f"device {device.device_id} has no serial port to flash through")
         self._device = device
-        self._port = device.serial_port
+        self._fixed_port = device.serial_port
+        self._own_drive = own_drive or (lambda: boot_drive_by_serial(device.device_id))
         self._drive_search = list(drive_search)
         self._baudrate = baudrate
         self._poll = poll_interval
@@ -135,8 +169,15 @@ class SerialBoard:
     async def open_serial(self, timeout: float) -> SerialLink:
         """Open the CDC data port, waiting up to `timeout` for it to exist."""
         loop = asyncio.get_running_loop()
-        await self._wait_for_port(loop.time() + timeout, "to open it")
-        return open_link(self._port, self._baudrate)
+        port = await self._wait_for_port(loop.time() + timeout, "to open it")
+        return open_link(port, self._baudrate)
+
+    def _port(self) -> str | None:
+        """The CDC port's path: the one discovery gave, or (a board found in its bootloader)
+        the by-id link of its serial number once there is one."""
+        if self._fixed_port is not None:
+            return self._fixed_port
+        return port_by_serial(self._device.device_id)
 
     async def _enter_bootloader(self, claims: _DriveClaims, deadline: float) -> Path:
         loop = asyncio.get_running_loop()
@@ -149,12 +190,16 @@ class SerialBoard:
             ) from None
         try:
             before = uf2_drives(self._drive_search)
-            touched = touch_1200(self._port)
+            port = self._port()
+            touched = port is not None and touch_1200(port)
             # A board whose port is absent may already sit in its bootloader (a flash that did
             # not boot): then a drive that was there before counts too.
             excluded = before if touched else set()
             while True:
                 fresh = uf2_drives(self._drive_search) - excluded - claims.claimed
+                own = self._own_drive()
+                if own is not None:
+                    fresh &= {own}
                 if fresh:
                     drive = min(fresh)
                     claims.claimed.add(drive)
@@ -173,12 +218,16 @@ class SerialBoard:
         except OSError as exc:
             raise HardwareError("copy", f"writing {target} failed: {exc}") from exc
 
-    async def _wait_for_port(self, deadline: float, why: str) -> None:
+    async def _wait_for_port(self, deadline: float, why: str) -> str:
         loop = asyncio.get_running_loop()
         # A stat per poll is cheap; a port that never appears is what the deadline is for.
-        while not os.path.exists(self._port):  # noqa: ASYNC240
+        while True:
+            port = self._port()
+            if port is not None and os.path.exists(port):  # noqa: ASYNC240
+                return port
             if loop.time() >= deadline:
-                raise HardwareError("serial", f"port {self._port} did not appear {why}")
+                name = port or f"of serial number {self._device.device_id}"
+                raise HardwareError("serial", f"port {name} did not appear {why}")
             await asyncio.sleep(self._poll)
 
 

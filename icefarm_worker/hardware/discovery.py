@@ -23,6 +23,9 @@ BOARD_KIND = "pico2-ice"
 BOARD_VENDORS = frozenset({"2e8a", "1209"})
 BOARD_MODELS = ("RP2350", "pico-ice", "Pico")
 DATA_INTERFACE = "00"
+# The RP2350's (and RP2040's) UF2 bootloader as a USB device: a board sitting in it has no CDC
+# port, but the same USB serial number.
+BOOTLOADER_IDS = frozenset({("2e8a", "000f"), ("2e8a", "0003")})
 BY_ID_PREFIX = "/dev/serial/by-id/"
 # "1-1.4:1.0" is interface 0 of configuration 1 on the USB device "1-1.4".
 _INTERFACE_COMPONENT = re.compile(r"^(\d+-[\d.]+):\d+\.\d+$")
@@ -45,6 +48,8 @@ def device_from_udev(
     """The device a udev record stands for, or None when it is not one of ours."""
     if properties.get("SUBSYSTEM") == "tty" and _is_board(properties):
         return _board(properties)
+    if _is_board_in_bootloader(properties):
+        return _board_in_bootloader(properties)
     for match in generic:
         if _matches(properties, match):
             return _generic(properties, match)
@@ -56,6 +61,27 @@ def _is_board(properties: Mapping[str, str]) -> bool:
     # Case-insensitive, so the pico2-ice's own "pico2-ice" model string matches "Pico".
     model = properties.get("ID_MODEL", "").lower()
     return vendor in BOARD_VENDORS and any(name.lower() in model for name in BOARD_MODELS)
+
+
+def _is_board_in_bootloader(properties: Mapping[str, str]) -> bool:
+    ids = (properties.get("ID_VENDOR_ID", "").lower(), properties.get("ID_MODEL_ID", "").lower())
+    whole = properties.get("SUBSYSTEM") == "usb" and properties.get("DEVTYPE") == "usb_device"
+    return whole and ids in BOOTLOADER_IDS
+
+
+def _board_in_bootloader(properties: Mapping[str, str]) -> DiscoveredDevice | None:
+    """A board found in its UF2 bootloader (a flash cut short, an empty flash): its port is
+    found by serial number once its firmware runs (`SerialBoard`)."""
+    serial = properties.get("ID_SERIAL_SHORT")
+    if not serial:
+        return None
+    return DiscoveredDevice(
+        device_id=serial,
+        kind=BOARD_KIND,
+        serial_port=None,
+        bus_id=bus_id_from_devpath(properties.get("DEVPATH", "")),
+        flashable=True,
+    )
 
 
 def _board(properties: Mapping[str, str]) -> DiscoveredDevice | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from icefarm_worker.hardware import flashing
 from icefarm_worker.hardware.base import ChangeKind, DeviceChange, DiscoveredDevice
 from icefarm_worker.hardware.changes import ChangeFeed
-from icefarm_worker.simulator.farm import SimulatedFarm, port_path, simulated_device
+from icefarm_worker.simulator.farm import SimulatedFarm, drive_path, port_path, simulated_device
 from icefarm_worker.simulator.faults import parse_faults
 from icefarm_worker.simulator.firmware import DEVICE_TIME
 
@@ -136,7 +136,8 @@ async def _apply_one(farm: SimulatedFarm, command: dict[str, object]) -> None:
 
 
 class AttachedDiscovery:
-    """The boards of a simulator serving in `root`: a port in `root/dev` is a plugged board.
+    """The boards of a simulator serving in `root`: a port in `root/dev`, or a drive in
+    `root/drives` (a board sitting in its bootloader), is a plugged board.
 
     The port vanishing while this worker flashes the board is hidden (as `UdevDiscovery` does);
     if it is still gone when the flash ends, REMOVE is reported then."""
@@ -146,8 +147,7 @@ class AttachedDiscovery:
         self._root = root
         self._interval = interval
         self._devices = {
-            port_path(root, index).name: simulated_device(root, manifest.prefix, index)
-            for index in range(manifest.count)
+            index: simulated_device(root, manifest.prefix, index) for index in range(manifest.count)
         }
         self._present: dict[str, DiscoveredDevice] = {}  # by device id
         self._held: dict[str, DiscoveredDevice] = {}  # by device id: gone while flashing
@@ -159,7 +159,7 @@ class AttachedDiscovery:
         """The boards whose port is there now."""
         self._ensure_watch()
         self._feed.forget_backlog()
-        self._present = self._ports_now()
+        self._present = self._plugged_now()
         return list(self._present.values())
 
     def changes(self) -> AsyncIterator[DeviceChange]:
@@ -180,13 +180,17 @@ class AttachedDiscovery:
         """Bus ids of the boards plugged in now (for `SimulatedUsbip`)."""
         return {d.bus_id or "" for d in [*self._present.values(), *self._held.values()]}
 
-    def _ports_now(self) -> dict[str, DiscoveredDevice]:
-        try:
-            names = os.listdir(self._root / "dev")
-        except FileNotFoundError:
-            names = []
-        found = (self._devices.get(name) for name in names)
-        return {device.device_id: device for device in found if device is not None}
+    def _plugged_now(self) -> dict[str, DiscoveredDevice]:
+        names = set()
+        for folder in ("dev", "drives"):
+            with contextlib.suppress(FileNotFoundError):
+                names.update(os.listdir(self._root / folder))
+        return {
+            device.device_id: device
+            for index, device in self._devices.items()
+            if port_path(self._root, index).name in names
+            or drive_path(self._root, index).name in names
+        }
 
     def _ensure_watch(self) -> None:
         if self._watch is None:
@@ -195,7 +199,7 @@ class AttachedDiscovery:
     async def _run_watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self._apply(self._ports_now())
+            self._apply(self._plugged_now())
 
     def _apply(self, now: dict[str, DiscoveredDevice]) -> None:
         for device_id, device in now.items():
@@ -216,7 +220,7 @@ class AttachedDiscovery:
         gone = self._held.pop(device_id, None)
         if gone is None:
             return
-        if gone.serial_port and os.path.exists(gone.serial_port):
+        if device_id in self._plugged_now():
             self._present[device_id] = gone  # back before the watch saw it: nothing changed
         else:
             self._feed.publish(DeviceChange(ChangeKind.REMOVE, gone))

@@ -117,7 +117,7 @@ class BoardEmulator:
         circuit_seconds: float = 0.0,
     ) -> None:
         self.port_path = root / "dev" / f"ttyICE{index}"  # farm.port_path, without the cycle
-        self.drive_path = root / "drives" / f"RP2350-{index}"
+        self.drive_path = root / "drives" / f"RP2350-{index}"  # farm.drive_path
         self.faults = faults
         # What is in flash; None = no bootable image, so the board sits in its bootloader.
         self.firmware: str | None = "default"

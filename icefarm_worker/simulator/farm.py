@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,12 @@ def port_path(root: Path, index: int) -> Path:
     return root / "dev" / f"ttyICE{index}"
 
 
+def drive_path(root: Path, index: int) -> Path:
+    """Where board `index`'s UF2 drive appears while it sits in its bootloader (what udev's
+    disk of the same USB serial number is on real hardware)."""
+    return root / "drives" / f"RP2350-{index}"
+
+
 def simulated_device(root: Path, prefix: str, index: int) -> DiscoveredDevice:
     """What discovery reports for board `index` of a farm under `root`."""
     return DiscoveredDevice(
@@ -49,7 +56,20 @@ def simulated_device(root: Path, prefix: str, index: int) -> DiscoveredDevice:
 
 def simulated_board(root: Path, device: DiscoveredDevice) -> SerialBoard:
     """The real `SerialBoard` for a simulated device, its drive search at `root/drives`."""
-    return SerialBoard(device, drive_search=[root / "drives"], poll_interval=0.01)
+    index = _index_of(device)
+
+    def own_drive() -> Path | None:
+        return None if index is None else drive_path(root, index)
+
+    return SerialBoard(
+        device, drive_search=[root / "drives"], poll_interval=0.01, own_drive=own_drive
+    )
+
+
+def _index_of(device: DiscoveredDevice) -> int | None:
+    """Board index from its port's name (`ttyICE{i}`), None for a port not of this farm."""
+    match = re.fullmatch(r"ttyICE(\d+)", Path(device.serial_port or "").name)
+    return int(match.group(1)) if match else None
 
 
 class SimulatedDiscovery:

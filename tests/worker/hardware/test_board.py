@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from icefarm_worker.hardware.base import HardwareError
-from icefarm_worker.hardware.board import SerialBoard, uf2_drives
+from icefarm_worker.hardware.board import (
+    SerialBoard,
+    boot_drive_by_serial,
+    port_by_serial,
+    uf2_drives,
+)
 from icefarm_worker.modes.protocol import DEFAULT_FIRMWARE_LINE, WAITING_LINE
 from icefarm_worker.simulator import Fault, FaultSpec, SimulatedFarm
 from tests.worker.hardware.conftest import FLASH_TIMEOUT
@@ -104,3 +109,50 @@ async def test_open_serial_times_out_when_the_port_never_appears(farm: Simulated
     with pytest.raises(HardwareError) as failure:
         await farm.board(farm.device("sim-000")).open_serial(timeout=0.1)
     assert failure.value.step == "serial"
+
+
+async def test_two_boards_found_in_their_bootloaders_are_each_flashed_through_their_own_drive(
+    farm: SimulatedFarm,
+) -> None:
+    # Both were left in their bootloaders (ports absent, drives up): which drive is whose
+    # must not be guessed, or one board gets the other's image and never comes back.
+    for device_id in ("sim-002", "sim-001"):
+        farm.inject(device_id, FaultSpec(Fault.FLASH_FAILURE, once=True))
+        with pytest.raises(HardwareError):
+            await farm.board(farm.device(device_id)).flash(
+                farm.firmware_paths()["default"], timeout=0.5
+            )
+    paths = farm.firmware_paths()
+    await asyncio.gather(
+        farm.board(farm.device("sim-002")).flash(paths["pulsecount"], timeout=FLASH_TIMEOUT),
+        farm.board(farm.device("sim-001")).flash(paths["varmax"], timeout=FLASH_TIMEOUT),
+    )
+    assert (farm.emulator("sim-001").firmware, farm.emulator("sim-002").firmware) == (
+        "varmax",
+        "pulsecount",
+    )
+
+
+def test_a_board_found_in_its_bootloader_has_its_port_and_drive_found_by_serial_number(
+    tmp_path: Path,
+) -> None:
+    by_id, disks, sdb1 = tmp_path / "serial-by-id", tmp_path / "disk-by-id", tmp_path / "sdb1"
+    by_id.mkdir()
+    disks.mkdir()
+    sdb1.touch()
+    (by_id / "usb-tinyVision.ai_pico2-ice_DE6280E4-if00").touch()
+    (by_id / "usb-tinyVision.ai_pico2-ice_DE6280E4-if02").touch()
+    (by_id / "usb-tinyVision.ai_pico2-ice_AB12-if00").touch()
+    assert port_by_serial("DE6280E4", by_id) == str(
+        by_id / "usb-tinyVision.ai_pico2-ice_DE6280E4-if00"
+    )
+    assert port_by_serial("FFFF", by_id) is None
+    (disks / "usb-RPI_RP2350_DE6280E4-0:0-part1").symlink_to(sdb1)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        f"/dev/sda1 / ext4 rw 0 0\n{sdb1} /media/lab/RP2350\\0401 vfat rw,nosuid 0 0\n"
+    )
+    assert boot_drive_by_serial("DE6280E4", disks, mounts) == Path("/media/lab/RP2350 1")
+    assert boot_drive_by_serial("AB12", disks, mounts) is None  # not in its bootloader
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n")
+    assert boot_drive_by_serial("DE6280E4", disks, mounts) is None  # not mounted (yet)

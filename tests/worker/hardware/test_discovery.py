@@ -26,6 +26,17 @@ BOARD_TTY = {
     "ID_SERIAL_SHORT": "DE6280E4",
     "ID_USB_INTERFACE_NUM": "00",
 }
+BOOT_DEVPATH = "/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.4"
+# The same board in its UF2 bootloader: a whole USB device, 2e8a:000f, the same serial number.
+BOARD_IN_BOOTLOADER = {
+    "SUBSYSTEM": "usb",
+    "DEVTYPE": "usb_device",
+    "DEVPATH": BOOT_DEVPATH,
+    "ID_VENDOR_ID": "2e8a",
+    "ID_MODEL_ID": "000f",
+    "ID_MODEL": "RP2350_Boot",
+    "ID_SERIAL_SHORT": "DE6280E4",
+}
 ANALYZER = {
     "SUBSYSTEM": "usb",
     "DEVTYPE": "usb_device",
@@ -47,6 +58,48 @@ def test_a_board_data_port_maps_to_a_flashable_pico2_ice() -> None:
         True,
     )
     assert device.serial_port == "/dev/serial/by-id/usb-tinyVision.ai_pico2-ice_DE6280E4-if00"
+
+
+def test_a_board_sitting_in_its_bootloader_is_the_same_board_without_a_port() -> None:
+    device = device_from_udev(BOARD_IN_BOOTLOADER)
+    assert device is not None
+    assert (device.device_id, device.kind, device.bus_id, device.flashable) == (
+        "DE6280E4",
+        "pico2-ice",
+        "1-1.4",
+        True,
+    )
+    assert device.serial_port is None
+    # Its interfaces, another vendor's device with that product id, no serial: not boards.
+    assert device_from_udev({**BOARD_IN_BOOTLOADER, "DEVTYPE": "usb_interface"}) is None
+    assert device_from_udev({**BOARD_IN_BOOTLOADER, "ID_VENDOR_ID": "0403"}) is None
+    assert device_from_udev({**BOARD_IN_BOOTLOADER, "ID_SERIAL_SHORT": ""}) is None
+
+
+async def test_a_board_whose_flash_did_not_boot_stays_a_board_in_its_bootloader() -> None:
+    discovery = UdevDiscovery()
+    discovery.handle_event("add", BOARD_TTY)
+    with flashing.flashing("DE6280E4"):  # a flash: port gone, bootloader up and gone, port back
+        discovery.handle_event("remove", {"SUBSYSTEM": "tty", "DEVPATH": TTY_DEVPATH})
+        discovery.handle_event("add", BOARD_IN_BOOTLOADER)
+        discovery.handle_event("remove", {"SUBSYSTEM": "usb", "DEVPATH": BOOT_DEVPATH})
+        discovery.handle_event("add", BOARD_TTY)
+    with flashing.flashing("DE6280E4"):  # a flash that did not boot: it stays in its bootloader
+        discovery.handle_event("remove", {"SUBSYSTEM": "tty", "DEVPATH": TTY_DEVPATH})
+        discovery.handle_event("add", BOARD_IN_BOOTLOADER)
+    changes = await collected(discovery)
+    assert [c.kind for c in changes] == [ChangeKind.ADD]  # plugged in all along
+
+
+async def test_a_board_plugged_in_sitting_in_its_bootloader_is_added_and_removed() -> None:
+    discovery = UdevDiscovery()
+    discovery.handle_event("add", BOARD_IN_BOOTLOADER)
+    discovery.handle_event("remove", {"SUBSYSTEM": "usb", "DEVPATH": BOOT_DEVPATH})
+    changes = await collected(discovery)
+    assert [(c.kind, c.device.device_id) for c in changes] == [
+        (ChangeKind.ADD, "DE6280E4"),
+        (ChangeKind.REMOVE, "DE6280E4"),
+    ]
 
 
 @pytest.mark.parametrize(
