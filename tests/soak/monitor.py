@@ -30,6 +30,8 @@ class Break:
     t: float
     invariant: str
     detail: str
+    # The boards it is about, when it is about boards: their state changes are the story.
+    devices: tuple[str, ...] = ()
 
 
 @dataclass

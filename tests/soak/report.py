@@ -142,9 +142,13 @@ def _first_break(outcome: Outcome) -> dict[str, Any] | None:
         return None
     # Breaks judged at the end (t = 0) come after every break seen while running.
     t, name, brk = min(found, key=lambda item: (item[0] == 0, item[0]))
-    if not t:
+    changes = [c for c in outcome.monitor.changes if c[1] in brk.devices]
+    if changes:
+        t = changes[-1][0]  # a stuck board: when it went into the state it stuck in
+    elif not t:
         t = max((when for when, _ in outcome.monitor.notes), default=0.0)
-    around = [
+    around = [f"{when - t:+.1f}s board {device}: {state}" for when, device, state in changes[-20:]]
+    around += [
         f"{when - t:+.1f}s soak: {text}"
         for when, text in outcome.monitor.notes
         if abs(when - t) <= 30
@@ -156,7 +160,13 @@ def _first_break(outcome: Outcome) -> dict[str, Any] | None:
         for r in life.records
         if t and abs(r["t"] - t) <= AROUND and r["kind"] not in ("submit", "wire")
     ]
-    return {"invariant": name, "detail": brk.detail, "t": t, "around": sorted(around)[:60]}
+    story = sorted(around, key=_offset)[:60]
+    return {"invariant": name, "detail": brk.detail, "t": t, "around": story}
+
+
+def _offset(line: str) -> float:
+    """The seconds an "around" line starts with ("+1.5s ...")."""
+    return float(line.split("s", 1)[0])
 
 
 def text(summary: dict[str, Any]) -> str:

@@ -159,11 +159,17 @@ async def _settle(farm: Farm, monitor: Monitor, last_fault: float) -> list[Break
         if all(monitor.state_at(b) == "AVAILABLE" for b in boards):
             return []
         await asyncio.sleep(0.5)
-    stuck = sorted(
-        f"{b}={monitor.state_at(b)}" for b in boards if monitor.state_at(b) != "AVAILABLE"
-    )
-    detail = f"{len(stuck)} board(s) not AVAILABLE: {', '.join(stuck[:10])}"
-    return [Break(time.time(), "board not AVAILABLE 60 s after the last fault", detail)]
+    stuck = sorted(b for b in boards if monitor.state_at(b) != "AVAILABLE")
+    named = ", ".join(f"{b}={monitor.state_at(b)}" for b in stuck[:10])
+    detail = f"{len(stuck)} board(s) not AVAILABLE: {named}"
+    return [
+        Break(
+            time.time(),
+            "board not AVAILABLE 60 s after the last fault",
+            detail,
+            devices=tuple(stuck[:10]),
+        )
+    ]
 
 
 def _write_story(farm: Farm, monitor: Monitor, records: list[FaultRecord]) -> None:
