@@ -5,7 +5,8 @@ Flashing is four steps, each bounded by what remains of the caller's timeout:
 1. touch — open the CDC port at 1200 baud and close it; the board reboots into its bootloader.
 2. uf2-drive — wait for a new directory holding `INDEX.HTM` and `INFO_UF2.TXT`.
 3. copy — write the `.uf2` into it (a plain write: UF2 bootloaders take nothing cleverer).
-4. serial — wait for the CDC port to come back, and check it opens.
+4. serial — wait for the CDC port to come back, and check it opens; a drive that vanishes and
+   comes back instead is an image that did not boot, failed at once.
 
 A UF2 drive's files do not say which board it belongs to, so steps 1 and 2 run under one lock
 per event loop: while a board waits for its drive, no other board of this worker enters its
@@ -159,7 +160,7 @@ class SerialBoard:
             drive = await self._enter_bootloader(claims, deadline)
             try:
                 await self._copy(drive, firmware.name, image)
-                await self._wait_for_port(deadline, f"after copying {firmware.name}")
+                await self._wait_for_boot(drive, deadline, firmware.name)
             finally:
                 # Held until the port is back, so the drive is gone before anyone may take it.
                 claims.claimed.discard(drive)
@@ -217,6 +218,29 @@ class SerialBoard:
             await asyncio.to_thread(_write_and_sync, target, image)
         except OSError as exc:
             raise HardwareError("copy", f"writing {target} failed: {exc}") from exc
+
+    async def _wait_for_boot(self, drive: Path, deadline: float, name: str) -> None:
+        """After the copy: the port comes back (the image boots), or the drive vanishes and
+        comes back (it did not: the bootloader runs again), which fails at once rather than at
+        the deadline."""
+        loop = asyncio.get_running_loop()
+        left = False
+        while True:
+            port = self._port()
+            if port is not None and os.path.exists(port):  # noqa: ASYNC240
+                return
+            here = _is_uf2_drive(self._own_drive() or drive)
+            if left and here:
+                raise HardwareError(
+                    "serial", f"{name} did not boot: the board is back in its bootloader"
+                )
+            left = left or not here
+            if loop.time() >= deadline:
+                raise HardwareError(
+                    "serial",
+                    f"port {port or self._device.device_id} did not appear after copying {name}",
+                )
+            await asyncio.sleep(self._poll)
 
     async def _wait_for_port(self, deadline: float, why: str) -> str:
         loop = asyncio.get_running_loop()
