@@ -169,6 +169,7 @@ class ControlSession:
             modes=list(identity.modes),
             labels=identity.labels,
             devices=self.devices(),
+            draining=self._draining,
         )
         try:
             await call.write(cpb.WorkerSessionRequest(register=register))
@@ -183,8 +184,6 @@ class ControlSession:
             self._outbox = None
             call.cancel()
             raise NotConnected("the control did not answer Register")
-        if self._draining is not None:
-            self.send(cpb.WorkerSessionRequest(draining=self._draining))
         return first.registered
 
     async def _serve(self, call: Stream, registered: cpb.Registered) -> None:

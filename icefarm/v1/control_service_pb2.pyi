@@ -114,6 +114,7 @@ class Register(_message.Message):
     MODES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     endpoint: _builtins.str
     """Where clients reach its WorkerService (host:port)."""
@@ -126,6 +127,14 @@ class Register(_message.Message):
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceUpdate]:
         """What each of its devices is and is doing now (used to reconcile after a reconnect)."""
 
+    @_builtins.property
+    def draining(self) -> Global___Draining:
+        """Set when the worker registers while draining (it reconnected mid-drain). A Register
+        without it is a worker that is not draining, so a drain of an earlier process (finished,
+        or timed out before the process exited) does not outlive it; a Drain an operator asked
+        for that the worker has not taken yet is kept and delivered.
+        """
+
     def __init__(
         self,
         *,
@@ -135,10 +144,11 @@ class Register(_message.Message):
         modes: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         devices: _abc.Iterable[Global___DeviceUpdate] | None = ...,
+        draining: Global___Draining | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "endpoint", b"endpoint", "labels", b"labels", "modes", b"modes", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "draining", b"draining", "endpoint", b"endpoint", "labels", b"labels", "modes", b"modes", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -78,6 +78,8 @@ class Registration:
     modes: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     devices: tuple[DeviceReport, ...] = ()
+    # Set when the worker registers while draining (the drain's timeout; zero: the default).
+    draining: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,8 @@ class WorkerRegistry:
                     f"worker {name!r} already has a live session",
                     reason=Reason.WORKER_ALREADY_CONNECTED,
                 )
-            # A drain survives a reconnect (and an offline spell) until it completes: its
-            # deadline is cleared then.
-            draining = row.drain_deadline is not None
+            deadline = await self._drain_deadline(conn, registration, row.drain_deadline, now)
+            draining = deadline is not None
             generation = row.session_generation + 1
             await wq.start_session(
                 conn,
@@ -199,13 +200,34 @@ class WorkerRegistry:
                 state=WorkerState.DRAINING if draining else WorkerState.ONLINE,
                 replica=self.replica_id,
                 generation=generation,
-                drain_deadline=row.drain_deadline,
+                drain_deadline=deadline,
                 now=now,
             )
             await outbox.requeue_sent_commands(conn, name)
             # Wakes the replaced stream (if any), which then finds it is no longer current.
             outbox.touch(conn, outbox.worker_topic(name))
         return Session(name, generation, self.replica_id)
+
+    async def _drain_deadline(
+        self,
+        conn: Transaction,
+        registration: Registration,
+        recorded: datetime | None,
+        now: datetime,
+    ) -> datetime | None:
+        """The drain a new session starts with. A drain belongs to a worker process: one that
+        reconnects mid-drain says so in its Register (and keeps the earlier deadline, if
+        sooner); one that does not is a process that is not draining — the earlier one's drain
+        finished or timed out before it exited — unless an operator's Drain is still waiting to
+        be delivered to it."""
+        if registration.draining is not None:
+            timeout = registration.draining or self.timers.drain_timeout
+            deadline = now + min(timeout, MAX_DRAIN_TIMEOUT)
+            return deadline if recorded is None else min(deadline, recorded)
+        commands = await wq.open_commands(conn, registration.name)
+        if recorded is not None and any(c.type == CommandType.DRAIN for c in commands):
+            return recorded
+        return None
 
     async def _session_is_live(
         self, conn: Transaction, row: wq.WorkerSessionRow, now: datetime

@@ -12,7 +12,7 @@ from icefarm_control.domain.device_reports import DeviceReport
 from icefarm_control.domain.events import CommandType
 from icefarm_control.domain.workers import Registration
 from icefarm_control.storage.outbox import CommandRow
-from icefarm_control.transport.convert import duration, parse_device_state
+from icefarm_control.transport.convert import duration, optional_duration, parse_device_state
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +39,10 @@ def registration(register: pb.Register) -> Registration:
         modes=tuple(register.modes),
         labels=dict(register.labels),
         devices=tuple(device_report(d, "register.devices") for d in register.devices),
+        # Absent: not draining; present without a timeout: the control's default.
+        draining=optional_duration(
+            "register.draining.timeout", register.draining.timeout, register.HasField("draining")
+        ),
     )
 
 

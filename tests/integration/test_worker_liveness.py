@@ -35,6 +35,13 @@ class MovableClock:
         self.moment += by
 
 
+def free_reports(name: str, count: int) -> tuple[DeviceReport, ...]:
+    return tuple(
+        DeviceReport(f"{name}-{i}", kind="pico2-ice", state=DeviceState.AVAILABLE)
+        for i in range(count)
+    )
+
+
 class Farm:
     def __init__(self, database: Database) -> None:
         self.db = database
@@ -138,11 +145,44 @@ async def test_an_overdue_drain_ends_the_holds_and_completes_once(database: Data
     assert await farm.worker_state() == "DRAINING"
 
 
-async def test_a_drain_survives_a_reconnect_until_it_completes(database: Database) -> None:
+async def test_a_drain_survives_a_reconnect_of_the_draining_worker(database: Database) -> None:
     farm = Farm(database)
     session = await farm.register()
     await farm.reserve("alice")
     await farm.registry.drain("lab-a", None, tell_worker=False)
+    await farm.registry.end_session(session)
+    # The same process, still draining, reconnects and says so in its Register.
+    again = Registration(
+        name="lab-a", devices=free_reports("lab-a", 1), draining=timedelta(seconds=30)
+    )
+    await farm.registry.register(again)
+    assert await farm.worker_state() == "DRAINING"
+
+
+async def test_a_worker_restarted_after_its_drain_timed_out_is_online_again(
+    database: Database,
+) -> None:
+    # The soak found it: SIGTERM, the drain timed out with a board still held, the process
+    # exited and was started again, and its 16 free boards were refused to everyone
+    # ("on a worker that is draining") until its next reconnect.
+    farm = Farm(database)
+    session = await farm.register(boards=2)
+    await farm.reserve("alice")
+    await farm.registry.drain("lab-a", timedelta(seconds=10), tell_worker=False)
+    await farm.registry.end_session(session)  # the drain timed out: the process exits
+    farm.clock.advance(timedelta(seconds=11))
+    await farm.liveness.check_drains()
+    await farm.register(boards=2)  # a new process: its Register says nothing of a drain
+    assert await farm.worker_state() == "ONLINE"
+    await farm.reserve("bob")  # its boards are handed out again
+
+
+async def test_an_operator_drain_the_worker_has_not_taken_yet_survives_its_register(
+    database: Database,
+) -> None:
+    farm = Farm(database)
+    session = await farm.register()
+    await farm.registry.drain("lab-a", None, tell_worker=True)  # the Drain command is open
     await farm.registry.end_session(session)
     await farm.register()
     assert await farm.worker_state() == "DRAINING"

@@ -121,3 +121,33 @@ async def test_an_operator_drain_waits_for_the_last_reservation(
         assert not worker.drained.is_set()
         await release(control, "alice", answer.reservation.id)
         await asyncio.wait_for(worker.drained.wait(), 15)
+
+
+async def test_a_draining_worker_stays_draining_across_a_control_restart_and_a_new_one_does_not(
+    database_url: str, sim_root: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    async with simulated_worker(address, sim_root, 2) as (worker, _farm):
+        async with running_control(database_url, listen=address) as control:
+            await all_in_state(control, 2, tpb.DEVICE_STATE_AVAILABLE)
+            await reserve_ready(control, "alice", 1)
+            worker.begin_drain(60.0)  # SIGTERM: the worker drains itself
+
+            async def draining() -> bool:
+                return await worker_state(control) == tpb.WORKER_STATE_DRAINING
+
+            await eventually(draining, what="the control hearing of the drain")
+        async with running_control(database_url, listen=address) as control:
+            # Its Register says it is draining: no window in which its free board is handed out.
+            async def registered_again() -> bool:
+                return worker.session.registrations >= 2 and worker.session.connected.is_set()
+
+            await eventually(registered_again, what="a second registration")
+            assert await worker_state(control) == tpb.WORKER_STATE_DRAINING
+    # The process ended with its drain unfinished (alice still held a board); a new one starts.
+    async with (
+        running_control(database_url, listen=address) as control,
+        simulated_worker(address, sim_root, 2) as (fresh, _farm),
+    ):
+        await asyncio.wait_for(fresh.session.connected.wait(), 15)
+        assert await worker_state(control) == tpb.WORKER_STATE_ONLINE
