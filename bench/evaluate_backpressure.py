@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import grpc  # noqa: E402
 from evaluate import bitstream, process_figures, stop, wait_for_line  # noqa: E402
 
-from icefarm.tokens import TOKEN_METADATA_KEY  # noqa: E402
+from icefarm.metadata import TOKEN_METADATA_KEY  # noqa: E402
 from icefarm.v1 import worker_service_pb2 as wpb  # noqa: E402
 from icefarm.v1 import worker_service_pb2_grpc as wpb_grpc  # noqa: E402
 from icefarm_client.aio import AsyncClient  # noqa: E402

@@ -32,9 +32,6 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-# Metadata key under which a client sends its token to a worker.
-TOKEN_METADATA_KEY = "icefarm-reservation-token"
-
 
 @dataclass(frozen=True)
 class TokenClaims:

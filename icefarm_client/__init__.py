@@ -9,6 +9,7 @@
 is an `IcefarmError` subclass (see `icefarm_client.errors`).
 """
 
+from icefarm import __version__
 from icefarm_client.aio import AsyncClient
 from icefarm_client.connection import RetryPolicy, Settings
 from icefarm_client.errors import (
@@ -95,4 +96,5 @@ __all__ = [
     "WorkerNotFound",
     "WorkerState",
     "WorkerUnavailable",
+    "__version__",
 ]

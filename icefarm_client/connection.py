@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from icefarm.tokens import TOKEN_METADATA_KEY
+from icefarm.metadata import TOKEN_METADATA_KEY
 
 DEFAULT_CONTROL = "127.0.0.1:50051"
 CLIENT_ID_HEADER = "icefarm-client-id"

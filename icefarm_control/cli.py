@@ -8,6 +8,7 @@ import sys
 
 from sqlalchemy.exc import DBAPIError
 
+from icefarm import __version__
 from icefarm.logs import configure_logging
 from icefarm_control.app import ControlApp
 from icefarm_control.config import ConfigError, add_arguments, resolve
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from flags, then ICEFARM_* environment variables, then the "
         "TOML file given by --config, then defaults.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",

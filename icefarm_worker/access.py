@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 
+from icefarm.metadata import TOKEN_METADATA_KEY
 from icefarm.states import DeviceState as State
-from icefarm.tokens import TOKEN_METADATA_KEY, TokenClaims, TokenError, TokenVerifier
+from icefarm.tokens import TokenClaims, TokenError, TokenVerifier
 from icefarm_worker.errors import (
     SHUTTING_DOWN,
     TOKEN_INVALID,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from icefarm import __version__
 from icefarm.logs import configure_logging
 from icefarm_worker.app import BindError, WorkerApp
 from icefarm_worker.config import ConfigError, add_arguments, parse_seconds, resolve
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from flags, then ICEFARM_WORKER_* environment variables, then "
         "the TOML file given by --config, then defaults.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",

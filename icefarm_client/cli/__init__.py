@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+from icefarm import __version__
 from icefarm_client.cli import commands, experiment
 from icefarm_client.cli.completion import script
 from icefarm_client.connection import RetryPolicy
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icefarm", description="Reserve FPGA boards of an iCEFARM and run bitstreams on them."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection(parser, None)
     parser.set_defaults(json=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -135,8 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(script(parser, args.shell))
             return 0
         if args.command == "demo":
-            from icefarm_client.demo import run_demo
-
+            try:
+                from icefarm_client.demo import run_demo
+            except ImportError as missing:  # a client-only install: no control, no worker
+                print(
+                    f"icefarm: error: the demo runs a control and a worker, which this install "
+                    f"lacks ({missing.name}): pip install 'icefarm-grpc[all]'",
+                    file=sys.stderr,
+                )
+                return 2
             return run_demo(args)
         with _client(args) as client:
             code: int = args.run(client, args)

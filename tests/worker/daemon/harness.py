@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from icefarm.limits import PICO2_ICE_BITSTREAM_BYTES
-from icefarm.tokens import TOKEN_METADATA_KEY
+from icefarm.metadata import TOKEN_METADATA_KEY
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm.v1 import types_pb2 as tpb

@@ -1,0 +1,4 @@
+"""gRPC metadata keys every part of iCEFARM agrees on (no dependencies: the client imports it)."""
+
+# Metadata key under which a client sends its reservation token to a worker.
+TOKEN_METADATA_KEY = "icefarm-reservation-token"
