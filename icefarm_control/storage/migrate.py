@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test checks it against Alembic's head).
 HEAD_REVISION = "0005"
+# The PostgreSQL advisory lock key migrations hold ("icefarm" in ASCII).
+MIGRATION_LOCK = 0x696365666172
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -50,6 +52,10 @@ async def upgrade(database: Database, revision: str = "head") -> None:
         command.upgrade(alembic_config(connection), revision)
 
     async with database.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas starting at once on a new database take turns (the lock ends with the
+            # transaction); the later ones then find the schema current and change nothing.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         await conn.run_sync(run)
 
 
