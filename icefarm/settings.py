@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ClassVar
 
 
@@ -58,3 +59,23 @@ def layered_values(
                 raise ConfigError(f"{source}: {exc}") from exc
             break
     return values
+
+
+def format_duration(value: timedelta) -> str:
+    """A duration as people write it, in the units `parse_duration` reads: 7d, 1h30m, 2s,
+    1500ms → 1.5s."""
+    total = value.total_seconds()
+    if total < 0:
+        return "-" + format_duration(-value)
+    if total < 1:
+        return f"{round(total * 1000):d}ms"
+    parts = []
+    whole = int(total)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    seconds = whole + (total - int(total))
+    if seconds:
+        parts.append(f"{seconds:g}s" if seconds != int(seconds) else f"{int(seconds)}s")
+    return "".join(parts)

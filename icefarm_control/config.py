@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icefarm.settings import ConfigError as ConfigError
-from icefarm.settings import Setting, layered_values
+from icefarm.settings import Setting, format_duration, layered_values
 from icefarm_control.domain.settings import Timers
 from icefarm_control.storage.database import DEFAULT_DB_CONCURRENCY, default_database_url
 
@@ -204,4 +204,21 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         if unknown:
             raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
     values = layered_values(SETTINGS, args, environ, file_values, config_path)
+    _fit_heartbeat(values)
     return ControlConfig(**values)
+
+
+def _fit_heartbeat(values: dict[str, Any]) -> None:
+    """A worker must be able to miss a heartbeat without going offline: the heartbeat is at
+    most half the offline timeout. Unset, it follows a short offline timeout down (a third of
+    it); set too long, it is an error."""
+    offline: timedelta = values.get("offline_timeout", _T.offline_timeout)
+    heartbeat: timedelta | None = values.get("heartbeat_interval")
+    if heartbeat is None:
+        values["heartbeat_interval"] = min(_T.heartbeat_interval, offline / 3)
+    elif heartbeat * 2 > offline:
+        raise ConfigError(
+            f"heartbeat_interval ({format_duration(heartbeat)}) must be at most half of "
+            f"offline_timeout ({format_duration(offline)}): a worker would go offline "
+            "after one late heartbeat"
+        )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from icefarm.settings import format_duration
 from icefarm_control.cli import build_parser
 from icefarm_control.config import SETTINGS, ConfigError, ControlConfig, parse_duration, resolve
 from icefarm_control.domain.settings import Timers
@@ -167,3 +168,35 @@ def test_a_token_key_shorter_than_16_characters_is_an_error_naming_the_setting()
 def test_an_empty_token_key_means_the_key_kept_in_the_database() -> None:
     assert resolve(serve_args("--token-key", ""), environ={}).token_key == ""
     assert resolve(serve_args("--token-key", "k" * 16), environ={}).token_key == "k" * 16
+
+
+def test_a_short_offline_timeout_brings_the_heartbeat_down_with_it() -> None:
+    # The soak's 6 s offline timeout with the 5 s heartbeat took live workers offline every
+    # few seconds under load: one late heartbeat was enough.
+    config = resolve(serve_args("--offline-timeout", "6s"), environ={})
+    assert config.heartbeat_interval == timedelta(seconds=2)
+    assert resolve(serve_args(), environ={}).heartbeat_interval == timedelta(seconds=5)
+
+
+def test_a_heartbeat_over_half_the_offline_timeout_is_an_error_naming_both() -> None:
+    with pytest.raises(ConfigError, match=r"heartbeat_interval .*offline_timeout"):
+        resolve(serve_args("--offline-timeout", "6s", "--heartbeat-interval", "5s"), environ={})
+    config = resolve(
+        serve_args("--offline-timeout", "6s", "--heartbeat-interval", "3s"), environ={}
+    )
+    assert config.heartbeat_interval == timedelta(seconds=3)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (7 * 86400, "7d"),
+        (5400, "1h30m"),
+        (2, "2s"),
+        (1.5, "1.5s"),
+        (0.25, "250ms"),
+        (90061, "1d1h1m1s"),
+    ],
+)
+def test_durations_print_as_people_write_them(seconds: float, text: str) -> None:
+    assert format_duration(timedelta(seconds=seconds)) == text
