@@ -45,6 +45,8 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     stopped: bool = False
+    # Set when the soak ends it on purpose (a fault, or the end of the run).
+    ended_on_purpose: bool = False
 
     @property
     def pid(self) -> int:
@@ -136,6 +138,16 @@ class Farm:
         else:
             self.database_url = f"sqlite+aiosqlite:///{self.root}/control.db"
 
+    def unexpected_exits(self) -> list[str]:
+        """Controls, workers and simulators that exited although the soak did not end them
+        (a replica that could not start, a crash)."""
+        procs = [*self.controls.values(), *self.workers.values(), *self.simulators.values()]
+        return [
+            f"{p.role} (pid {p.pid}) exited with {p.popen.returncode}; its log: {p.log}"
+            for p in procs
+            if not p.ended_on_purpose and not p.alive()
+        ]
+
     def _spawn(self, role: str, argv: list[str], log_name: str) -> Proc:
         log = self.root / "logs" / log_name
         with log.open("ab") as out:
@@ -220,6 +232,7 @@ class Farm:
 
     def kill(self, proc: Proc) -> None:
         """SIGKILL (after SIGCONT, so a stopped process dies too) and reap."""
+        proc.ended_on_purpose = True
         if proc.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)

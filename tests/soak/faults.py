@@ -186,6 +186,7 @@ class Injector:
         index = self.rng.randrange(self.farm.sizes.workers)
         record.target = self.farm.worker_name(index)
         proc = self.farm.workers[index]
+        proc.ended_on_purpose = True
         proc.popen.terminate()
         try:
             await self._blocking(proc.popen.wait, 40)

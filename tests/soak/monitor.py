@@ -74,6 +74,9 @@ class Monitor:
         self.checks += 1
         for violation in found:
             self.breaks.append(Break(now, violation.invariant, str(violation)))
+        for exit_ in self.farm.unexpected_exits():
+            if all(exit_ != b.detail for b in self.breaks):
+                self.breaks.append(Break(now, "a process exited that the soak did not end", exit_))
         for device_id, state in rows:
             if self.states.get(device_id) != state:
                 self.states[device_id] = state

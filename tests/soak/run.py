@@ -94,7 +94,8 @@ async def _run(farm: Farm, options: Options, started: float) -> Outcome:
     seen = Seen.read(farm.root / "clients", _kill_lives(injector.records, farm))
     rss_breaks, peak = check_rss(monitor.rss)
     breaks = {
-        "no board held by two reservations (and the database's other invariants)": monitor.breaks,
+        "no board held by two reservations (and the database's other invariants; no process "
+        "exited that the soak did not end)": monitor.breaks,
         "every bitstream got exactly one result (value matches, or a failure with a reason)": (
             check_results(seen)
         ),

@@ -3,8 +3,11 @@ board's own state changes (the CI failure of a board stuck REMOVED printed nothi
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+from tests.soak.farm import Farm, Sizes
 from tests.soak.monitor import Break
 from tests.soak.report import _first_break
 
@@ -37,3 +40,18 @@ def test_a_stuck_board_is_told_by_its_state_changes_and_the_faults_around_them()
         "-2.0s soak: fault worker-kill begins",
         "+0.0s board w1-003: REMOVED",
     ]
+
+
+def test_a_process_that_exits_unasked_is_reported_and_one_the_soak_killed_is_not(
+    tmp_path: Path,
+) -> None:
+    farm = Farm(tmp_path, "sqlite", Sizes(), 1, use_netns=False)
+    (tmp_path / "logs").mkdir()
+    crashed = farm._spawn("control-1", [sys.executable, "-c", "raise SystemExit(2)"], "c1.log")
+    farm.controls[1] = crashed
+    killed = farm._spawn("worker-0", [sys.executable, "-c", "import time; time.sleep(60)"], "w0")
+    farm.workers[0] = killed
+    crashed.popen.wait(timeout=30)
+    farm.kill(killed)
+    (exit_,) = farm.unexpected_exits()
+    assert exit_.startswith("control-1 (pid") and "exited with 2" in exit_
