@@ -176,10 +176,11 @@ class Evaluation:
                 lane.queue.put_nowait(
                     wpb.EvaluateRequest(bitstream=wpb.Bitstream(id=item.id, data=item.data))
                 )
-        if self.source_done and not self.reruns:
+        # Idle lanes close only once every bitstream has its result: until then a board of
+        # another lane may fail and give its bitstreams back to them.
+        if self.source_done and not self.reruns and self.unresolved == 0:
             for lane in live:
-                if not lane.in_flight:
-                    self._close(lane)
+                self._close(lane)
 
     def _close(self, lane: Lane) -> None:
         if lane.open:

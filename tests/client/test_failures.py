@@ -72,13 +72,13 @@ def test_worker_errors_raise_their_classes(farm: RunningFarm, clients: Clients) 
 
 FAULTY = """
 [simulator.faults]
-"sim-000" = "short-read"
+"lab-f-sim-000" = "short-read"
 """
 
 
 @pytest.fixture
 def faulty_farm(procs: Processes, clients: Clients, tmp_path: Path) -> RunningFarm:
-    """Three boards; sim-000 answers every bitstream with a watchdog timeout."""
+    """Three boards; lab-f-sim-000 answers every bitstream with a watchdog timeout."""
     config = tmp_path / "worker.toml"
     config.write_text(FAULTY)
     control = procs.control()
@@ -94,15 +94,15 @@ def test_told_when_a_board_fails_and_its_work_reruns_elsewhere(
     failed: list[ic.Event] = []
     alice.on(ic.EventType.DEVICE_FAILED, failed.append)
     data = [bitstream(200 + i) for i in range(8)]
-    with alice.reserve(device_ids=["sim-000", "sim-001"], mode="pulsecount") as farm_:
+    with alice.reserve(device_ids=["lab-f-sim-000", "lab-f-sim-001"], mode="pulsecount") as farm_:
         results = list(farm_.evaluate(data, in_flight=2))
-        eventually(lambda: "sim-000" in farm_.failed, what="the farm hears of the failure")
+        eventually(lambda: "lab-f-sim-000" in farm_.failed, what="the farm hears of the failure")
     assert len(results) == 8
     assert all(r.ok and r.pulse_count == expected_pulse_count(data[int(r.bitstream_id)])
                for r in results)  # fmt: skip
-    assert {r.device_id for r in results} == {"sim-001"}
+    assert {r.device_id for r in results} == {"lab-f-sim-001"}
     eventually(lambda: failed, what="the DeviceFailed callback")
-    assert failed[0].device_id == "sim-000" and failed[0].error
+    assert failed[0].device_id == "lab-f-sim-000" and failed[0].error
 
 
 def test_evaluate_raises_device_failed_only_when_no_board_is_left(
@@ -110,7 +110,7 @@ def test_evaluate_raises_device_failed_only_when_no_board_is_left(
 ) -> None:
     alice = clients(faulty_farm.address, "alice")
     with (
-        alice.reserve(device_ids=["sim-000"], mode="pulsecount") as farm_,
+        alice.reserve(device_ids=["lab-f-sim-000"], mode="pulsecount") as farm_,
         pytest.raises(ic.DeviceFailed, match="no board left"),
     ):
         list(farm_.evaluate([bitstream(1), bitstream(2)]))
@@ -122,3 +122,23 @@ def test_an_exception_in_the_block_still_releases(farm: RunningFarm, clients: Cl
     with pytest.raises(ZeroDivisionError), alice.reserve(2, wait=timedelta(seconds=10)):
         _ = 1 / 0
     assert alice.reservations() == []
+
+
+def test_a_board_failing_after_the_other_workers_lane_finished_reruns_there(
+    procs: Processes, clients: Clients, tmp_path: Path
+) -> None:
+    # The soak found it: one board on each of two workers, the healthy one's share done, the
+    # other board failing — the experiment got DeviceFailed("no board left") with a working
+    # board still held.
+    config = tmp_path / "worker.toml"
+    config.write_text('[simulator.faults]\n"lab-h-sim-000" = "no-answer"\n')
+    control = procs.control()
+    procs.worker(control.address, 1, "lab-g")
+    procs.worker(control.address, 1, "lab-h", "--config", str(config))
+    alice = clients(control.address, "alice")
+    wait_available(alice, 2)
+    data = [bitstream(300), bitstream(301)]
+    with alice.reserve(device_ids=["lab-g-sim-000", "lab-h-sim-000"], mode="pulsecount") as farm_:
+        results = list(farm_.evaluate(data, in_flight=1))
+    assert sorted(r.bitstream_id for r in results) == ["0", "1"]
+    assert all(r.ok and r.device_id == "lab-g-sim-000" for r in results)
