@@ -71,9 +71,22 @@ async def _simulated(config: WorkerConfig) -> Hardware:
     except ValueError as exc:
         raise ConfigError(f"simulator.faults: {exc}") from exc
     root = tempfile.TemporaryDirectory(prefix="icefarm-sim-")
-    farm = SimulatedFarm(
-        config.simulate, Path(root.name), faults, circuit_seconds=config.simulate_circuit_time
-    )
+    # Named after the worker, so two simulating workers on one control never share an id.
+    prefix = f"{config.name}-sim"
+    try:
+        farm = SimulatedFarm(
+            config.simulate,
+            Path(root.name),
+            faults,
+            prefix=prefix,
+            circuit_seconds=config.simulate_circuit_time,
+        )
+    except KeyError as exc:
+        root.cleanup()
+        last = f"{prefix}-{config.simulate - 1:03d}"
+        raise ConfigError(
+            f"simulator.faults: {exc.args[0]} (this worker's boards are {prefix}-000 … {last})"
+        ) from None
     await farm.start()
 
     async def close() -> None:

@@ -69,13 +69,13 @@ def test_more_boards_than_the_farm_has_fail_at_once_unless_waiting_for_new_ones(
 
 def test_reserve_specific_boards_by_id(farm: RunningFarm, clients: Clients) -> None:
     alice, bob = clients(farm.address, "alice"), clients(farm.address, "bob")
-    mine = alice.create_reservation(device_ids=["sim-001", "sim-003"])
-    assert sorted(mine.device_ids) == ["sim-001", "sim-003"]
+    mine = alice.create_reservation(device_ids=["lab-a-sim-001", "lab-a-sim-003"])
+    assert sorted(mine.device_ids) == ["lab-a-sim-001", "lab-a-sim-003"]
     with pytest.raises(ic.NotEnoughDevices):
-        bob.create_reservation(device_ids=["sim-003"])
-    bob.remove_device("sim-000")
-    with pytest.raises(ic.DeviceNotAvailable, match="sim-000 is removed"):
-        bob.create_reservation(device_ids=["sim-000"])
+        bob.create_reservation(device_ids=["lab-a-sim-003"])
+    bob.remove_device("lab-a-sim-000")
+    with pytest.raises(ic.DeviceNotAvailable, match="lab-a-sim-000 is removed"):
+        bob.create_reservation(device_ids=["lab-a-sim-000"])
 
 
 def test_extend_one_then_all(farm: RunningFarm, clients: Clients) -> None:

@@ -132,3 +132,19 @@ def test_help_documents_every_setting() -> None:
     for setting in SETTINGS:
         assert setting.flag in done.stdout
         assert setting.env in done.stdout
+
+
+def test_a_fault_for_a_board_the_worker_does_not_have_is_one_line_naming_its_boards(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('simulate = 2\nname = "lab-z"\n[simulator.faults]\n"sim-000" = "no-answer"\n')
+    done = subprocess.run(
+        [WORKER, "run", "--config", str(config), "--control", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "icefarm-worker: simulator.faults: no simulated board 'sim-000' "
+        "(this worker's boards are lab-z-sim-000 … lab-z-sim-001)"
+    ]
