@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +33,7 @@ from icefarm_worker.hardware.base import Board, DiscoveredDevice, HardwareError,
 from icefarm_worker.modes.base import Measurement, Mode
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 # The default firmware prints this line when it runs (ARCHITECTURE §8).
 DEFAULT_FIRMWARE_GREETING = "default firmware"
 
@@ -98,6 +100,8 @@ class BoardLifecycle:
         self.since = time.monotonic()
         # Bumped on every plug-in: steps of an earlier plug-in report nothing.
         self.generation = 0
+        # Set when this plug-in's board is unplugged: its hardware steps stop waiting at once.
+        self._gone = asyncio.Event()
 
     # ------------------------------------------------------------ what it is
 
@@ -144,6 +148,7 @@ class BoardLifecycle:
         """(Re)plugged: forget what it did before; returns the new generation."""
         self.device, self.board = device, board
         self.generation += 1
+        self._gone = asyncio.Event()
         self.reservation_id = ""
         self.mode = None
         self.state, self.error = State.DISCOVERED, ""
@@ -152,6 +157,7 @@ class BoardLifecycle:
 
     async def unplugged(self) -> None:
         """Gone from USB: REMOVED at once; a step in progress fails and reports nothing."""
+        self._gone.set()
         self.generation += 1
         self.reservation_id = ""
         self.mode = None
@@ -196,7 +202,7 @@ class BoardLifecycle:
             try:
                 await self._flash("default")
                 self._set(State.TESTING, generation)
-                await self._test()
+                await self._while_plugged(self._test())
             except HardwareError as exc:
                 last_error = f"default firmware: {exc}"
                 log.warning("board reset failed", device=self.device_id, error=last_error)
@@ -256,8 +262,8 @@ class BoardLifecycle:
             await self._close_link()
             if mode is not None and self.device.flashable and self.board is not None:
                 await self._flash(mode.firmware)
-                self.link = await self.board.open_serial(self.timeouts.ready)
-                await mode.ready(self.link, self.timeouts.ready)
+                self.link = await self._while_plugged(self.board.open_serial(self.timeouts.ready))
+                await self._while_plugged(mode.ready(self.link, self.timeouts.ready))
         except (HardwareError, BoardFailed) as exc:
             reason = f"{mode_name or 'no mode'}: {exc}"
             self.mode = None
@@ -346,8 +352,29 @@ class BoardLifecycle:
         path = self.firmware.get(firmware_name)
         if path is None:
             raise HardwareError("copy", f"no {firmware_name!r} firmware configured")
-        await self.board.flash(path, self.timeouts.flash)
+        await self._while_plugged(self.board.flash(path, self.timeouts.flash))
         self.firmware_name = firmware_name
+
+    async def _while_plugged(self, step: Coroutine[Any, Any, T]) -> T:
+        """Run a hardware step; HardwareError at once if the board is unplugged meanwhile (a
+        flash would otherwise wait out its timeout for a drive that never comes)."""
+        gone = self._gone
+        if gone.is_set():
+            step.close()
+            raise HardwareError("usb", "the board was unplugged")
+        work = asyncio.ensure_future(step)
+        unplugged = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({work, unplugged}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unplugged.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+        if not work.done() or work.cancelled():
+            raise HardwareError("usb", "the board was unplugged")
+        return work.result()
 
     async def _close_link(self) -> None:
         link, self.link = self.link, None

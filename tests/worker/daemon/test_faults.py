@@ -3,14 +3,18 @@ reason its holder hears about; its bitstreams rerun on the other boards; the str
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from icefarm.states import DeviceState as State
 from icefarm.v1 import types_pb2 as tpb
 from icefarm.v1 import worker_service_pb2 as wpb
+from icefarm_worker.hardware.base import HardwareError
+from icefarm_worker.lifecycle import BoardFailed, BoardLifecycle, NotHeld
 from icefarm_worker.simulator import Fault, FaultSpec, expected_pulse_count
 from tests.grpc_errors import reason_of
 from tests.integration.worker_farm import device, events_of, eventually, state_is
@@ -132,3 +136,30 @@ async def test_a_failed_reboot_breaks_the_board_and_the_holder_hears_of_it(
         failed = await eventually(told, what="device_failed event")
         assert failed[0]["device_id"] == board
         assert await state_is(control, board, tpb.DEVICE_STATE_BROKEN)
+
+
+async def test_a_step_in_progress_ends_as_soon_as_its_board_is_unplugged(
+    control: ControlUnderTest, sim_root: Path
+) -> None:
+    # The soak found it: an evaluation saw the port go away a moment before discovery's
+    # REMOVE, rebooted the board, and that reboot waited out the whole flash timeout for a
+    # drive of a board that was no longer there; the bitstream's rerun waited with it.
+    async with simulated_worker(control.address, sim_root, 1, flash_timeout=60.0) as (
+        worker,
+        farm,
+    ):
+        await all_in_state(control, 1, tpb.DEVICE_STATE_AVAILABLE)
+        answer = await reserve_ready(control, "alice", 1)
+        board = worker.fleet.boards[answer.reservation.devices[0].id]
+        await farm.emulator(board.device_id).power_off()  # gone; discovery has not said so yet
+        reboot = asyncio.create_task(board.reboot_mode(answer.reservation.id))
+        await eventually(lambda: _state_is(board, State.RESERVED), what="the reboot under way")
+        await worker.fleet.removed(board.device_id)  # discovery's REMOVE
+        async with asyncio.timeout(10):  # far less than the 60 s flash timeout
+            with pytest.raises((BoardFailed, HardwareError, NotHeld)):
+                await reboot
+        assert board.state == State.REMOVED
+
+
+async def _state_is(board: BoardLifecycle, state: State) -> bool:
+    return board.state == state
