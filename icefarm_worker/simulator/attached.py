@@ -10,7 +10,8 @@ then the simulator process's, not the worker's.
 At run time SIGUSR2 makes `serve()` apply the commands in `root/inject.json`
 (`{"seq": N, "commands": [{"device": ID, "fault": NAME, "after", "once", "delay"} |
 {"device": ID, "fault": null} | {"device": ID, "action": "unplug" | "plug"}]}`) and then write
-`root/inject.done` holding N, so a soak can give a served farm faults while it runs.
+`root/inject.done` holding N, so a soak can give a served farm faults while it runs. Every
+fault that fires adds `{"device", "fault", "t"}` to `root/fired.jsonl`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +33,14 @@ from icefarm_worker.hardware import flashing
 from icefarm_worker.hardware.base import ChangeKind, DeviceChange, DiscoveredDevice
 from icefarm_worker.hardware.changes import ChangeFeed
 from icefarm_worker.simulator.farm import SimulatedFarm, drive_path, port_path, simulated_device
-from icefarm_worker.simulator.faults import parse_faults
+from icefarm_worker.simulator.faults import Fault, parse_faults
 from icefarm_worker.simulator.firmware import DEVICE_TIME
 
 MANIFEST = "farm.json"
 DEVICE_TIME_FILE = "device_time.json"
 INJECT_FILE = "inject.json"
 INJECT_DONE_FILE = "inject.done"
+FIRED_FILE = "fired.jsonl"
 WATCH_INTERVAL = 0.05
 
 
@@ -89,6 +93,7 @@ async def serve(
         task.add_done_callback(injections.discard)
 
     loop.add_signal_handler(signal.SIGUSR2, inject)
+    farm.on_fault_fired(functools.partial(_record_firing, root))
     await farm.start()
     try:
         _write_manifest(root, Manifest(prefix, count, os.getpid()))
@@ -97,6 +102,13 @@ async def serve(
     finally:
         (root / MANIFEST).unlink(missing_ok=True)
         await farm.stop()
+
+
+def _record_firing(root: Path, device_id: str, fault: Fault) -> None:
+    """A line in `root/fired.jsonl` per fault that fired: when the board misbehaved."""
+    line = json.dumps({"device": device_id, "fault": fault.value, "t": time.time()})
+    with (root / FIRED_FILE).open("a") as out:
+        out.write(line + "\n")
 
 
 async def _apply_injections(farm: SimulatedFarm, root: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -253,6 +253,11 @@ class SimulatedFarm:
         """Give the board a fault from now on (None clears it); counting starts again."""
         spec = FaultSpec(fault) if isinstance(fault, Fault) else fault
         self._faults[self._known(device_id)].set(spec)
+
+    def on_fault_fired(self, listener: Callable[[str, Fault], None]) -> None:
+        """Call `listener(device_id, fault)` whenever a board's fault fires."""
+        for device_id, state in self._faults.items():
+            state.listener = functools.partial(listener, device_id)
 
     def _unplug_now(self, device_id: str) -> None:
         if device_id not in self._plugged:

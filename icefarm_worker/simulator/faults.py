@@ -13,7 +13,7 @@ fire a single time, after which the board behaves again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -51,6 +51,8 @@ class FaultState:
     """One board's fault and the counts that decide when it fires."""
 
     def __init__(self, spec: FaultSpec | None = None) -> None:
+        # Told each time a fault fires (the served simulator records it for the soak).
+        self.listener: Callable[[Fault], None] | None = None
         self.set(spec)
 
     def set(self, spec: FaultSpec | None) -> None:
@@ -84,6 +86,8 @@ class FaultState:
         if count <= self.spec.after or (self.spec.once and self._fired):
             return None
         self._fired = True
+        if self.listener is not None:
+            self.listener(self.spec.fault)
         return self.spec.fault
 
 

@@ -10,9 +10,10 @@ Recovery, per kind (`recovery` of a `FaultRecord`; the figure the issue sets tar
 - worker-stop, network-cut: from SIGCONT / the link coming up until a Reserve of its boards.
 - client-kill: from the SIGKILL until the control ended every reservation it held (the client
   grace), the client restarted at once.
-- board-hang, board-short-read, board-unplug: from the fault until the holder's next result
-  of a rerun bitstream (attempt >= 2), read from the holder's log after the run.
-- board-slow: until the holder's next result from that board.
+- board-hang, board-short-read, board-slow: injected to fire at the board's next evaluation;
+  from when it fired (the simulator's `fired.jsonl`) until that holder's next rerun result
+  (attempt >= 2), or for a slow board its next result from the board (report.py).
+- board-unplug: from the unplug until the holder's next rerun result.
 - board-flash-failure: fires at the board's next flash (its release); from that flash until
   the board is AVAILABLE again.
 """

@@ -39,34 +39,68 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def board_recoveries(outcome: Outcome) -> None:
-    """Fill in the board faults' recovery from the clients' logs. A hang or short read fires
-    at the board's next evaluation, whoever holds it then: the first rerun (attempt >= 2) on
-    that board after the fault. An unplugged board's bitstream reruns elsewhere: the holder's
-    first rerun. A slow board: the holder's next result from that board."""
+    """Fill in the board faults' recovery from the clients' logs and the simulators' records
+    of when each fault fired. A hang, short read or slow answer is injected to fire at the
+    board's next evaluation, so it counts from then (`fired.jsonl`), for whoever held the board
+    then: until that holder's next rerun result (attempt >= 2, on any board), or for a slow
+    board its next result from that board. An unplug counts from the unplug, for the holder
+    at that moment. A fault with nothing to rerun (it never fired; the holder had no other
+    board and was told DeviceFailed) is said so in `how` instead of measured."""
     results = sorted(
         ((r["t"], life, r) for life, r in outcome.seen.records("result")), key=lambda x: x[0]
     )
+    errors = sorted(
+        ((r["t"], life, r) for life, r in outcome.seen.records("error")), key=lambda x: x[0]
+    )
+    firings = sorted(outcome.firings, key=lambda f: float(f["t"]))
     for record in outcome.records:
         if record.kind not in RERUN_KINDS | {"board-slow"} or not record.holder:
             continue
+        start = record.t
         _, index, number = record.holder.split("-")
         holder = (int(index), int(number))
-        for t, life, r in results:
-            if t < record.t:
+        if record.kind != "board-unplug":
+            fired = next(
+                (f for f in firings if f["device"] == record.target and f["t"] >= record.t), None
+            )
+            if fired is None:
+                record.how = "never fired: the board evaluated nothing more"
                 continue
-            if t - record.t > RERUN_WINDOW:
+            start = float(fired["t"])
+            record.extra["fired_after_injection"] = round(start - record.t, 2)
+            before = [
+                (life.index, life.life)
+                for t, life, r in results
+                if r["device"] == record.target and start - RERUN_WINDOW <= t <= start
+            ]
+            holder = before[-1] if before else holder
+        for t, life, r in results:
+            if t < start:
+                continue
+            if t - start > RERUN_WINDOW:
                 break  # later results are other bitstreams' business
-            by_holder = (life.index, life.life) == holder
-            on_board = r["device"] == record.target
-            if record.kind == "board-slow":
-                found = by_holder and on_board
-            elif record.kind == "board-unplug":
-                found = by_holder and r["attempt"] >= 2
-            else:
-                found = on_board and r["attempt"] >= 2
-            if found:
-                record.recovery = t - record.t
+            if (life.index, life.life) != holder:
+                continue
+            if record.kind == "board-slow" and r["device"] == record.target:
+                record.recovery = t - start
                 break
+            if record.kind != "board-slow" and r["attempt"] >= 2:
+                record.recovery = t - start
+                break
+        if record.recovery is None and record.kind != "board-slow":
+            told = next(
+                (
+                    (t, r)
+                    for t, life, r in errors
+                    if (life.index, life.life) == holder and 0 <= t - start <= RERUN_WINDOW
+                ),
+                None,
+            )
+            if told is not None:
+                record.how = (
+                    f"nothing to rerun on (no other board): told {told[1]['error'][:40]!r} "
+                    f"after {told[0] - start:.2f} s"
+                )
 
 
 def _reason(error: str) -> str:
@@ -91,6 +125,7 @@ def summarise(outcome: Outcome) -> dict[str, Any]:
             "faults": len(records),
             "measured": len(values),
             "not_acted_out": [r.error for r in records if r.error],
+            "not_measured": [r.how for r in records if r.recovery is None and r.how],
         }
         if values:
             entry["p50"] = round(percentile(values, 0.5), 2)
@@ -199,6 +234,8 @@ def text(summary: dict[str, Any]) -> str:
         )
         if entry["not_acted_out"]:
             lines.append(f"{'':22} not acted out: {entry['not_acted_out']}")
+        for how in entry["not_measured"]:
+            lines.append(f"{'':22} not measured: {how}")
     lines += [
         "",
         "max RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in summary["max_rss_mib"].items()),

@@ -13,8 +13,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from icefarm_control.storage.database import Database
+from icefarm_worker.simulator.attached import FIRED_FILE
 from tests.soak import netns
 from tests.soak.checks import Seen, check_reservations, check_results, check_rss, check_sequences
 from tests.soak.farm import Farm, Sizes
@@ -48,6 +50,8 @@ class Outcome:
     rss_peak: dict[str, int]
     wall: float
     root: Path
+    # What the simulators recorded of each fault that fired ({"device", "fault", "t"}).
+    firings: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def soak(options: Options) -> Outcome:
@@ -116,7 +120,18 @@ async def _run(farm: Farm, options: Options, started: float) -> Outcome:
         peak,
         time.time() - started,
         farm.root,
+        _firings(farm),
     )
+
+
+def _firings(farm: Farm) -> list[dict[str, Any]]:
+    """Every simulator's `fired.jsonl`: when each injected board fault actually fired."""
+    found: list[dict[str, Any]] = []
+    for index in range(farm.sizes.workers):
+        path = farm.sim_root(index) / FIRED_FILE
+        if path.exists():
+            found += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return found
 
 
 def _kill_lives(records: list[FaultRecord], farm: Farm) -> dict[tuple[int, int], float]:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,13 @@ async def test_a_served_simulator_applies_faults_unplugs_and_plugs_sent_at_run_t
             {"device": "sim-009", "fault": "short-read"},
             {"device": "sim-000", "fault": "short-read", "once": True},
         ])  # fmt: skip
+        before = time.time()
         with pytest.raises(EvaluationFailed):
             await mode.evaluate(link, make_bitstream(1), timeout=3.0)
+        # The firing is recorded once, when it happened (not when it was injected).
+        (fired,) = [json.loads(line) for line in (root / "fired.jsonl").read_text().splitlines()]
+        assert (fired["device"], fired["fault"]) == ("sim-000", "short-read")
+        assert before <= fired["t"] <= time.time()
         await mode.ready(link, timeout=3.0)
         assert (await mode.evaluate(link, make_bitstream(2), timeout=3.0)).pulse_count is not None
         await link.close()
