@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 import socket
@@ -14,7 +15,46 @@ import grpc
 
 from icefarm.metadata import TOKEN_METADATA_KEY
 
-DEFAULT_CONTROL = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_CONTROL = f"127.0.0.1:{DEFAULT_PORT}"
+# gRPC target schemes passed through untouched ("ipv4:a:1,b:2", "dns:///host:1", "unix:...").
+_SCHEMES = ("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "vsock:")
+
+
+def control_target(address: str) -> str:
+    """The gRPC target for a control address: HOST[:PORT], several of them comma-separated,
+    or a gRPC target with a scheme. A host without a port gets the control's default port
+    (50051), not gRPC's own default (443)."""
+    address = address.strip()
+    if address.startswith(_SCHEMES) or "://" in address:
+        return address
+    hosts = [_with_port(part.strip()) for part in address.split(",") if part.strip()]
+    if len(hosts) <= 1:
+        return hosts[0] if hosts else DEFAULT_CONTROL
+    # Several replicas: gRPC takes a list of IP addresses (a DNS name with several records
+    # is the other way).
+    if all(_is_ip(h.rsplit(":", 1)[0], 4) for h in hosts):
+        return "ipv4:" + ",".join(hosts)
+    if all(_is_ip(h.rsplit(":", 1)[0].strip("[]"), 6) for h in hosts):
+        return "ipv6:" + ",".join(hosts)
+    return ",".join(hosts)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def _with_port(host: str) -> str:
+    if host.startswith("["):  # [::1] or [::1]:50051
+        return host if "]:" in host else f"{host}:{DEFAULT_PORT}"
+    if host.count(":") > 1:  # a bare IPv6 address
+        return f"[{host}]:{DEFAULT_PORT}"
+    return host if ":" in host else f"{host}:{DEFAULT_PORT}"
+
+
 CLIENT_ID_HEADER = "icefarm-client-id"
 # Keepalive as the architecture asks: ping every 10 s, also without calls in flight.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -85,7 +125,7 @@ class Settings:
             flag = env.get("ICEFARM_TLS", "").strip().lower()
             tls = flag in ("1", "true", "yes", "on") or bool(ca or cert)
         return cls(
-            control=control or env.get("ICEFARM_CONTROL") or DEFAULT_CONTROL,
+            control=control_target(control or env.get("ICEFARM_CONTROL") or DEFAULT_CONTROL),
             client_id=client_id or env.get("ICEFARM_CLIENT_ID") or default_client_id(),
             token=token if token is not None else env.get("ICEFARM_TOKEN", ""),
             tls=tls,

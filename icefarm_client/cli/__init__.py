@@ -17,6 +17,7 @@ from icefarm_client.cli import commands, experiment
 from icefarm_client.cli.completion import script
 from icefarm_client.connection import RetryPolicy
 from icefarm_client.errors import IcefarmError
+from icefarm_client.models import DeviceState
 from icefarm_client.sync import Client
 
 Command = Callable[[Client, argparse.Namespace], int]
@@ -41,6 +42,18 @@ def _connection(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--json", action="store_true", default=default, help="JSON output")
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help says each option's default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        quiet = default is None or default is False or default in ("", [], 0, argparse.SUPPRESS)
+        if action.option_strings and not quiet and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = argparse.ArgumentParser(
@@ -52,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, run: Command | None, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsShown
+        )
         _connection(p, argparse.SUPPRESS)
         p.set_defaults(run=run)
         return p
@@ -61,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("workers", commands.workers, "list the workers")
     p = command("devices", commands.devices, "list devices matching a selector")
     p.add_argument("selector", nargs="?", default="", help="e.g. kind=pico2-ice,worker=lab-a")
-    p.add_argument("--state", help="only devices in this state (e.g. available)")
+    p.add_argument(
+        "--state",
+        type=str.lower,
+        choices=[s.value.lower() for s in DeviceState if s is not DeviceState.UNSPECIFIED],
+        help="only devices in this state",
+    )
 
     p = command("reserve", commands.reserve, "reserve boards (held until the lease ends)")
     p.add_argument("count", type=int, nargs="?", default=0, help="how many devices")

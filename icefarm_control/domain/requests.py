@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from icefarm.settings import format_duration
 from icefarm_control.domain.errors import InvalidArgument
 from icefarm_control.domain.selectors import Selector, parse_selector
 from icefarm_control.domain.settings import Limits
@@ -64,9 +65,9 @@ def check_lease(
     if lease is None:
         return default
     if lease < limits.min_lease:
-        raise InvalidArgument(name, f"must be at least {limits.min_lease.total_seconds():g}s")
+        raise InvalidArgument(name, f"must be at least {format_duration(limits.min_lease)}")
     if lease > limits.max_lease:
-        raise InvalidArgument(name, f"must be at most {limits.max_lease}")
+        raise InvalidArgument(name, f"must be at most {format_duration(limits.max_lease)}")
     return lease
 
 
@@ -115,7 +116,7 @@ def check_reserve(
     if wait_checked < timedelta(0):
         raise InvalidArgument("wait_timeout", "must not be negative")
     if wait_checked > limits.max_wait:
-        raise InvalidArgument("wait_timeout", f"must be at most {limits.max_wait}")
+        raise InvalidArgument("wait_timeout", f"must be at most {format_duration(limits.max_wait)}")
     if len(request_id) > limits.max_request_id_length:
         raise InvalidArgument("request_id", f"at most {limits.max_request_id_length} characters")
     return ReserveSpec(

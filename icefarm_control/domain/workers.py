@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from icefarm.settings import format_duration
 from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.device_changes import (
@@ -480,7 +481,9 @@ class WorkerRegistry:
         if timeout is None or timeout <= timedelta(0):
             timeout = self.timers.drain_timeout
         if timeout > MAX_DRAIN_TIMEOUT:
-            raise InvalidArgument("timeout", "must be at most 7 days")
+            raise InvalidArgument(
+                "timeout", f"must be at most {format_duration(MAX_DRAIN_TIMEOUT)}"
+            )
         now = self.clock.now()
         async with self.db.write() as conn:
             row = await wq.lock_worker(conn, worker)

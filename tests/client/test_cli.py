@@ -129,6 +129,38 @@ def test_bad_input_exit_codes_and_one_line_errors(farm: RunningFarm) -> None:
     assert unknown.returncode in (0, 1) and "Traceback" not in unknown.stderr
 
 
+def test_enum_options_list_their_choices_and_durations_read_as_written(farm: RunningFarm) -> None:
+    bogus = icefarm("devices", "--state", "bogus", control=farm.address)
+    assert bogus.returncode == 2 and "Traceback" not in bogus.stderr
+    assert "invalid choice: 'bogus' (choose from 'discovered'," in bogus.stderr
+    upper = icefarm("devices", "--state", "AVAILABLE", "--json", control=farm.address)
+    assert upper.returncode == 0, upper.stderr
+    assert {d["state"] for d in json.loads(upper.stdout)} == {"AVAILABLE"}
+    long = icefarm("reserve", "1", "--duration", "30d", control=farm.address)
+    assert_one_line_error(long)
+    assert "must be at most 7d" in long.stderr
+
+
+def test_help_shows_defaults() -> None:
+    done = icefarm("evaluate", "--help")
+    assert done.returncode == 0
+    assert "(default: 2)" in done.stdout  # --in-flight
+    assert "(default: pulsecount)" in done.stdout
+
+
+def test_a_control_address_without_a_port_gets_the_default_port() -> None:
+    from icefarm_client.connection import control_target
+
+    assert control_target("127.0.0.1") == "127.0.0.1:50051"  # not gRPC's 443
+    assert control_target("control.lab") == "control.lab:50051"
+    assert control_target("[::1]") == "[::1]:50051"
+    assert control_target("10.0.0.1:6000,10.0.0.2") == "ipv4:10.0.0.1:6000,10.0.0.2:50051"
+    assert control_target("ipv4:127.0.0.1:7,127.0.0.1:8") == "ipv4:127.0.0.1:7,127.0.0.1:8"
+    done = icefarm("status", control="127.0.0.2")  # nothing listens there
+    assert_one_line_error(done)
+    assert "127.0.0.2:50051" in done.stderr
+
+
 def test_an_unreachable_control_is_one_line_and_exit_1() -> None:
     done = icefarm("status", control="127.0.0.1:1")
     assert_one_line_error(done)
