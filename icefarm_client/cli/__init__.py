@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", default="", help="which boards qualify")
     p.add_argument("--wait", type=duration, help="queue this long for free boards")
     p.add_argument("--in-flight", type=int, default=2, help="bitstreams queued per board")
-    p.add_argument("--csv", action="store_true", help="CSV output")
+    p.add_argument("--csv", action="store_true", help="CSV output, a line per result as it comes")
+    p.add_argument(
+        "--jsonl", action="store_true", help="JSON Lines output, a line per result as it comes"
+    )
 
     p = command("watch", commands.watch, "the live event feed of the whole farm")
     p.add_argument("--resume-after", type=int, default=0, help="replay events after this one")
