@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import grpc
+import structlog
 
 from icefarm.v1 import control_service_pb2 as cpb
 from icefarm.v1 import worker_service_pb2 as wpb
 from icefarm_client import convert
 from icefarm_client.calls import CallBase
-from icefarm_client.errors import DeviceNotFound, translate
+from icefarm_client.errors import ControlUnavailable, DeviceNotFound, IcefarmError, translate
 from icefarm_client.models import (
     BoardInfo,
     Device,
@@ -24,6 +26,12 @@ from icefarm_client.models import (
 )
 
 PAGE_SIZE = 500
+
+
+log = structlog.get_logger(__name__)
+# Pauses between attempts to pick a lost event feed up again.
+WATCH_RETRY_FIRST = 0.2
+WATCH_RETRY_MAX = 5.0
 
 
 class OperatorCalls(CallBase):
@@ -110,17 +118,36 @@ class OperatorCalls(CallBase):
             request.timeout.CopyFrom(convert.duration(timeout))
         return convert.worker((await self._call("control", "DrainWorker", request)).worker)
 
-    async def watch_events(self, resume_after: int = 0) -> AsyncIterator[Event]:
-        """The operator feed: every change as it happens (until the caller stops iterating)."""
-        request = cpb.WatchEventsRequest(resume_after=resume_after)
-        call = self._control.WatchEvents(request, metadata=self.settings.metadata())
-        try:
-            async for response in call:
-                yield convert.event(response.event)
-        except grpc.RpcError as error:
-            raise translate(error) from None
-        finally:
-            call.cancel()
+    async def watch_events(
+        self, resume_after: int = 0, *, reconnect: bool = True
+    ) -> AsyncIterator[Event]:
+        """The operator feed: every change as it happens (until the caller stops iterating).
+        Once it has been connected, a feed whose control restarts or whose replica goes away
+        is picked up again where it left off (`resume_after` the last event seen), with
+        pauses growing to 5 s; no event is repeated. A control that cannot be reached at the
+        start is ControlUnavailable; `reconnect=False` ends the feed with it instead."""
+        last, connected, pause = resume_after, False, WATCH_RETRY_FIRST
+        while True:
+            request = cpb.WatchEventsRequest(resume_after=last)
+            call = self._control.WatchEvents(request, metadata=self.settings.metadata())
+            try:
+                async for response in call:
+                    connected, pause = True, WATCH_RETRY_FIRST
+                    event = convert.event(response.event)
+                    if event.sequence and event.sequence <= last:
+                        continue  # already given before the reconnect
+                    last = max(last, event.sequence)
+                    yield event
+                failure: IcefarmError = ControlUnavailable("the event feed ended")
+            except grpc.RpcError as error:
+                failure = translate(error)
+            finally:
+                call.cancel()
+            if not (reconnect and connected and isinstance(failure, ControlUnavailable)):
+                raise failure
+            log.warning("event feed lost; reconnecting", resume_after=last, error=failure.message)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, WATCH_RETRY_MAX)
 
     # ------------------------------------------------------------ a holder's worker calls
 

@@ -7,12 +7,14 @@ as one line on stderr; 2 a usage error; 130 interrupted. Never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from icefarm import __version__
+from icefarm.logs import configure_logging
 from icefarm_client.cli import commands, experiment
 from icefarm_client.cli.completion import script
 from icefarm_client.connection import RetryPolicy
@@ -40,6 +42,9 @@ def _connection(parser: argparse.ArgumentParser, default: object) -> None:
     group.add_argument("--token", default=default, help="bearer token [ICEFARM_TOKEN]")
     group.add_argument("--tls-ca", default=default, help="CA file; enables TLS [ICEFARM_TLS_CA]")
     parser.add_argument("--json", action="store_true", default=default, help="JSON output")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class DefaultsShown(argparse.HelpFormatter):
@@ -151,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `icefarm` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The library's own warnings (a feed reconnecting) go to stderr, never into the output.
+    level = os.environ.get("ICEFARM_LOG_LEVEL", "warning").lower()
+    configure_logging("console", level if level in LOG_LEVELS else "warning")
     if args.command == "reserve" and args.count <= 0 and not args.device:
         parser.error("reserve: give a count > 0 or --device IDs")
     if args.command == "release" and not (args.all or args.ids or args.device):

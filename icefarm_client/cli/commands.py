@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import threading
 from collections import Counter
 
+from icefarm.settings import format_duration
 from icefarm_client.cli.output import plain, print_json, table, when
+from icefarm_client.errors import IcefarmError
 from icefarm_client.models import DeviceState, Event, EventType, Reservation
 from icefarm_client.sync import Client
+
+# A waiting Reserve not answered within this is in the queue: the CLI says so.
+QUEUED_AFTER = 0.5
 
 
 def status(client: Client, args: argparse.Namespace) -> int:
@@ -93,14 +100,25 @@ def _print_reservations(found: list[Reservation], as_json: bool) -> None:
 
 def reserve(client: Client, args: argparse.Namespace) -> int:
     """Reserve and return: held until the lease ends or `icefarm release`."""
-    reservation = client.create_reservation(
-        args.count if not args.device else 0,
-        mode=args.mode,
-        selector=args.selector,
-        device_ids=args.device or (),
-        duration=args.duration,
-        wait=args.wait,
-    )
+    wanted = len(args.device) if args.device else args.count
+    queued = None
+    if args.wait and not args.json:
+        # Not granted at once: the request waits in the control's queue; say so.
+        queued = threading.Timer(QUEUED_AFTER, _say_queued, (client, args, wanted))
+        queued.daemon = True
+        queued.start()
+    try:
+        reservation = client.create_reservation(
+            args.count if not args.device else 0,
+            mode=args.mode,
+            selector=args.selector,
+            device_ids=args.device or (),
+            duration=args.duration,
+            wait=args.wait,
+        )
+    finally:
+        if queued is not None:
+            queued.cancel()
     if args.json:
         print_json(reservation)
         return 0
@@ -110,8 +128,32 @@ def reserve(client: Client, args: argparse.Namespace) -> int:
         ("DEVICE", "WORKER", "ENDPOINT", "STATE"),
         [(d.id, d.worker, d.worker_endpoint, d.state.value) for d in reservation.devices],
     )
-    print(f"release with: icefarm release {reservation.id}")
+    print(f"release with: {_as_typed(args, 'release', reservation.id)}")
     return 0
+
+
+def _say_queued(client: Client, args: argparse.Namespace, wanted: int) -> None:
+    try:
+        free = client.availability(args.selector).count
+    except IcefarmError:
+        free = None
+    now = "" if free is None else f" ({free} free now)"
+    print(
+        f"queued: waiting up to {format_duration(args.wait)} for {wanted} device(s){now}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _as_typed(args: argparse.Namespace, *words: str) -> str:
+    """An `icefarm` command line that reaches the same control as the same client, for a hint
+    to print (the flags given on this command line are repeated)."""
+    line = ["icefarm", *words]
+    if getattr(args, "control", None):
+        line += ["--control", args.control]
+    if getattr(args, "client_id", None):
+        line += ["--client-id", args.client_id]
+    return " ".join(shlex.quote(word) for word in line)
 
 
 def extend(client: Client, args: argparse.Namespace) -> int:
