@@ -4,6 +4,8 @@ schema, exit codes, and bad input (never a traceback)."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,8 +14,8 @@ import pytest
 
 from icefarm_worker.simulator.firmware import expected_pulse_count
 from tests.client.bitstreams import bitstream
-from tests.client.conftest import RunningFarm
-from tests.client.processes import BIN, cli_env
+from tests.client.conftest import BOARDS, RunningFarm
+from tests.client.processes import BIN, cli_env, eventually
 
 ICEFARM = str(BIN / "icefarm")
 
@@ -139,6 +141,48 @@ def test_enum_options_list_their_choices_and_durations_read_as_written(farm: Run
     long = icefarm("reserve", "1", "--duration", "30d", control=farm.address)
     assert_one_line_error(long)
     assert "must be at most 7d" in long.stderr
+
+
+def test_a_waiting_reserve_says_it_is_queued_and_hints_repeat_the_connection(
+    farm: RunningFarm,
+) -> None:
+    held = icefarm("reserve", str(BOARDS), control=farm.address, client_id="hog")
+    assert held.returncode == 0, held.stderr
+    waiting = icefarm("reserve", "1", "--wait", "2s", control=farm.address, client_id="bob")
+    assert waiting.returncode == 1
+    first, *rest = waiting.stderr.strip().splitlines()
+    assert first == "queued: waiting up to 2s for 1 device(s) (0 free now)"
+    assert len(rest) == 1 and "Traceback" not in waiting.stderr  # then the one-line timeout
+    # The hint works as printed, also when the connection was given on the command line.
+    done = subprocess.run(
+        [ICEFARM, "reserve", "1", "--control", farm.address, "--client-id", "carol"],
+        capture_output=True, text=True, timeout=60, env={**cli_env("127.0.0.1:1")},
+    )  # fmt: skip
+    assert done.returncode == 1  # nothing free yet: the hog holds every board
+    icefarm("release", "--all", control=farm.address, client_id="hog")
+    wait_available_cli(farm.address)
+    done = subprocess.run(
+        [ICEFARM, "reserve", "1", "--control", farm.address, "--client-id", "carol"],
+        capture_output=True, text=True, timeout=60, env={**cli_env("127.0.0.1:1")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    hint = done.stdout.strip().splitlines()[-1].removeprefix("release with: ")
+    assert f"--control {farm.address}" in hint and "--client-id carol" in hint
+    released = subprocess.run(
+        shlex.split(hint), capture_output=True, text=True, timeout=60,
+        env={**cli_env("127.0.0.1:1"), "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert released.returncode == 0, released.stderr
+
+
+def wait_available_cli(address: str) -> None:
+    """Until a board is free again (released boards are flashed back first)."""
+
+    def one_free() -> bool:
+        found = ok_json("devices", "--state", "available", control=address)
+        return isinstance(found, list) and len(found) > 0
+
+    eventually(one_free, what="a free board")
 
 
 def test_help_shows_defaults() -> None:
