@@ -4,6 +4,7 @@ shared by `icefarm-control` and `icefarm-worker`."""
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -79,3 +80,41 @@ def format_duration(value: timedelta) -> str:
     if seconds:
         parts.append(f"{seconds:g}s" if seconds != int(seconds) else f"{int(seconds)}s")
     return "".join(parts)
+
+
+# Variables the client library and the `icefarm` CLI read: not typos in a control's or a
+# worker's environment.
+CLIENT_VARIABLES = frozenset(
+    {
+        "ICEFARM_CONTROL",
+        "ICEFARM_CLIENT_ID",
+        "ICEFARM_TOKEN",
+        "ICEFARM_TLS",
+        "ICEFARM_TLS_CA",
+        "ICEFARM_TLS_CERT",
+        "ICEFARM_TLS_KEY",
+        "ICEFARM_LOG_LEVEL",
+    }
+)
+# Prefixes of variables other parts read: the worker's, and the test suite's own.
+OTHER_PREFIXES = ("ICEFARM_WORKER_", "ICEFARM_TEST_", "ICEFARM_SOAK_")
+
+
+def unknown_variables(
+    environ: Mapping[str, str], prefix: str, known: Iterable[str], others: Iterable[str] = ()
+) -> list[str]:
+    """A warning per `prefix*` environment variable that is not a setting (a typo more often
+    than not), naming the closest setting; variables in `others` (read by another part of
+    iCEFARM) or under a longer prefix in `others` (e.g. ICEFARM_WORKER_) are left alone."""
+    names = set(known)
+    elsewhere = set(others)
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith(prefix) or variable in names or variable in elsewhere:
+            continue
+        if any(o.endswith("_") and variable.startswith(o) for o in elsewhere):
+            continue
+        close = difflib.get_close_matches(variable, sorted(names), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"unknown environment variable {variable}{hint}: ignored")
+    return warnings

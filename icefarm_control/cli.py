@@ -11,10 +11,13 @@ from sqlalchemy.exc import DBAPIError
 from icefarm import __version__
 from icefarm.logs import configure_logging
 from icefarm_control.app import ControlApp
-from icefarm_control.config import ConfigError, add_arguments, resolve
+from icefarm_control.config import ConfigError, add_arguments, environment_warnings, resolve
 from icefarm_control.storage.database import Database
 from icefarm_control.storage.migrate import current_revision, head_revision, upgrade
 from icefarm_control.transport.server import BindError
+
+# What `db upgrade` and `db current` use.
+DB_SETTINGS = ("database", "log_format", "log_level")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("current", "print the schema revision of the database and the newest one"),
     ):
         sub = db_commands.add_parser(name, help=text, description=text)
-        add_arguments(sub)
+        add_arguments(sub, only=DB_SETTINGS)
     return parser
 
 
@@ -57,11 +60,14 @@ async def _db(command: str, url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # First: a misspelt variable is often why a setting below is wrong.
+    for warning in environment_warnings():
+        print(f"icefarm-control: warning: {warning}", file=sys.stderr)
     try:
         config = resolve(args)
     except ConfigError as exc:
         print(f"icefarm-control: {exc}", file=sys.stderr)
-        return 1
+        return 2
     configure_logging(config.log_format, config.log_level)
     try:
         if args.command == "db":

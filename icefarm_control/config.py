@@ -7,14 +7,21 @@ import argparse
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from icefarm.settings import (
+    CLIENT_VARIABLES,
+    OTHER_PREFIXES,
+    Setting,
+    format_duration,
+    layered_values,
+    unknown_variables,
+)
 from icefarm.settings import ConfigError as ConfigError
-from icefarm.settings import Setting, format_duration, layered_values
 from icefarm_control.domain.settings import Timers
 from icefarm_control.storage.database import DEFAULT_DB_CONCURRENCY, default_database_url
 
@@ -176,11 +183,15 @@ class ControlConfig:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> None:
+    """The settings as flags: all of them, or `only` these (a command that uses fewer)."""
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with any of the settings below (ICEFARM_CONFIG)"
     )
+    wanted = None if only is None else set(only)
     for setting in SETTINGS:
+        if wanted is not None and setting.name not in wanted:
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -206,6 +217,18 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     values = layered_values(SETTINGS, args, environ, file_values, config_path)
     _fit_heartbeat(values)
     return ControlConfig(**values)
+
+
+def environment_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """ICEFARM_* variables that are no setting of the control (nor the client's, nor the
+    worker's ICEFARM_WORKER_*): each a warning naming the closest setting."""
+    known = {s.env for s in SETTINGS} | {"ICEFARM_CONFIG"}
+    return unknown_variables(
+        os.environ if environ is None else environ,
+        "ICEFARM_",
+        known,
+        CLIENT_VARIABLES | set(OTHER_PREFIXES),
+    )
 
 
 def _fit_heartbeat(values: dict[str, Any]) -> None:

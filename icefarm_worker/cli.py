@@ -17,7 +17,13 @@ from pathlib import Path
 from icefarm import __version__
 from icefarm.logs import configure_logging
 from icefarm_worker.app import BindError, WorkerApp
-from icefarm_worker.config import ConfigError, add_arguments, parse_seconds, resolve
+from icefarm_worker.config import (
+    ConfigError,
+    add_arguments,
+    environment_warnings,
+    parse_seconds,
+    resolve,
+)
 
 PROG = "icefarm-worker"
 
@@ -92,6 +98,9 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # First: a misspelt variable is often why a setting below is wrong.
+    for warning in environment_warnings():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     try:
         config = resolve(args)
     except ConfigError as exc:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from icefarm import settings
 from icefarm.settings import ConfigError as ConfigError
-from icefarm.settings import layered_values
+from icefarm.settings import layered_values, unknown_variables
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -210,6 +210,13 @@ def _read_file(path: str) -> dict[str, Any]:
         if table in values and not isinstance(values[table], dict):
             raise ConfigError(f"config file {path}: {table} must be a table")
     return values
+
+
+def environment_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """ICEFARM_WORKER_* variables that are no setting of the worker: each a warning naming the
+    closest setting."""
+    known = {s.env for s in SETTINGS} | {ENV_PREFIX + n for n in ("CONFIG", "LABELS", "FIRMWARE")}
+    return unknown_variables(os.environ if environ is None else environ, ENV_PREFIX, known)
 
 
 def _table(

@@ -378,8 +378,9 @@ def test_a_taken_port_is_a_one_line_error_and_exit_1(
     assert first.process.poll() is None
 
 
-def assert_one_line_error(result: Finished, *named: str) -> None:
-    assert result.returncode == 1, result.output
+def assert_one_line_error(result: Finished, *named: str, code: int = 2) -> None:
+    """A bad setting exits 2 (as in every command); a failure to run exits 1."""
+    assert result.returncode == code, result.output
     assert "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
@@ -423,7 +424,29 @@ def test_an_unreachable_database_is_a_one_line_error_and_exit_1() -> None:
         "--database",
         "postgresql://postgres@127.0.0.1:1/nowhere",
     )
-    assert_one_line_error(result, "cannot use the database")
+    assert_one_line_error(result, "cannot use the database", code=1)
+
+
+def test_an_unknown_icefarm_variable_is_warned_about_naming_the_closest_setting(
+    tmp_path: Path,
+) -> None:
+    result = run(
+        CONTROL, "db", "upgrade", "--database", sqlite_url(tmp_path),
+        env={"ICEFARM_OFLINE_TIMEOUT": "3s", "ICEFARM_CONTROL": "x:1", "ICEFARM_WORKER_NAME": "a"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "warning" in line]
+    assert warnings == [
+        "icefarm-control: warning: unknown environment variable ICEFARM_OFLINE_TIMEOUT "
+        "(did you mean ICEFARM_OFFLINE_TIMEOUT?): ignored"
+    ]
+
+
+def test_db_commands_list_only_the_settings_they_use() -> None:
+    result = run(CONTROL, "db", "upgrade", "--help")
+    assert result.returncode == 0
+    assert "--database" in result.output and "--log-level" in result.output
+    assert "--listen" not in result.output and "--offline-timeout" not in result.output
 
 
 def test_an_unknown_flag_is_a_usage_error_with_exit_2() -> None:

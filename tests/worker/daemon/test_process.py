@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_a_fault_for_a_board_the_worker_does_not_have_is_one_line_naming_its_boa
         "icefarm-worker: simulator.faults: no simulated board 'sim-000' "
         "(this worker's boards are lab-z-sim-000 … lab-z-sim-001)"
     ]
+
+
+def test_an_unknown_worker_variable_is_warned_about_naming_the_closest_setting() -> None:
+    done = subprocess.run(
+        [WORKER, "run", "--simulate", "1", "--simulate-circuit-time", "bogus"],
+        capture_output=True, text=True, timeout=30,
+        env={**os.environ, "ICEFARM_WORKER_SIMULAT": "3", "ICEFARM_CONTROL": "x:1"},
+    )  # fmt: skip
+    assert done.returncode == 2  # the bad setting still stops it, after the warning
+    warning, error = done.stderr.strip().splitlines()
+    assert warning == (
+        "icefarm-worker: warning: unknown environment variable ICEFARM_WORKER_SIMULAT "
+        "(did you mean ICEFARM_WORKER_SIMULATE?): ignored"
+    )
+    assert "simulate-circuit-time" in error
