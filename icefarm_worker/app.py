@@ -18,6 +18,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from icefarm.handlers import add_servicer
+from icefarm.health import HealthServicer
 from icefarm.limits import MAX_WORKER_MESSAGE_BYTES
 from icefarm.reflection import enable_reflection
 from icefarm.server_options import server_options
@@ -147,7 +148,7 @@ class WorkerApp:
         )
         # Bytes that are not the request message are INVALID_ARGUMENT (icefarm/handlers.py).
         add_servicer(server, WORKER_SERVICE, self.servicer)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
         try:

@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from icefarm.handlers import add_servicer
+from icefarm.health import HealthServicer
 from icefarm.reflection import enable_reflection
 from icefarm.server_options import server_options
 from icefarm.v1 import (
@@ -37,7 +38,7 @@ def build_server(
     # Bytes that are not the request message are INVALID_ARGUMENT (icefarm/handlers.py).
     add_servicer(server, RESERVATION_SERVICE, validated(reservations, RESERVATION_SERVICE))
     add_servicer(server, CONTROL_SERVICE, validated(control, CONTROL_SERVICE))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
     try:

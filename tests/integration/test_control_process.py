@@ -205,6 +205,12 @@ def test_grpcurl_health_check_reports_serving(
     result = run(GRPCURL, "-plaintext", control.address, "grpc.health.v1.Health/Check")
     assert result.returncode == 0, result.output
     assert json.loads(result.stdout) == {"status": "SERVING"}
+    # List too (grpcio's servicer left it unimplemented: a traceback in the control's log).
+    listed = run(GRPCURL, "-plaintext", control.address, "grpc.health.v1.Health/List")
+    assert listed.returncode == 0, listed.output
+    statuses = json.loads(listed.stdout)["statuses"]
+    assert statuses["icefarm.v1.ReservationService"] == {"status": "SERVING"}
+    assert not any("Traceback" in line for line in control.log_lines)
 
 
 async def test_grpcurl_reserve_returns_a_reservation_and_a_token(
