@@ -37,6 +37,9 @@ DRIVE_MARKERS = ("INDEX.HTM", "INFO_UF2.TXT")
 # network mount must not stall a flash).
 DRIVE_FSTYPES = frozenset({"vfat", "msdos", "fuseblk", "exfat"})
 POLL_INTERVAL = 0.02
+# A board with neither its port nor a UF2 drive for this long is not there (unplugged): a
+# re-enumerating board shows one of them well within it.
+ABSENT_GRACE = 2.0
 BY_ID = Path("/dev/serial/by-id")
 DISK_BY_ID = Path("/dev/disk/by-id")
 
@@ -196,6 +199,7 @@ class SerialBoard:
             # A board whose port is absent may already sit in its bootloader (a flash that did
             # not boot): then a drive that was there before counts too.
             excluded = before if touched else set()
+            started = loop.time()
             while True:
                 fresh = uf2_drives(self._drive_search) - excluded - claims.claimed
                 own = self._own_drive()
@@ -205,6 +209,19 @@ class SerialBoard:
                     drive = min(fresh)
                     claims.claimed.add(drive)
                     return drive
+                if not touched:
+                    port = self._port()
+                    if port is not None and os.path.exists(port):  # noqa: ASYNC240
+                        # It was re-enumerating: its port is back, so touch it now.
+                        excluded = uf2_drives(self._drive_search)
+                        touched = touch_1200(port)
+                        continue
+                    if loop.time() - started >= ABSENT_GRACE:
+                        # Neither port nor drive: unplugged (its worker hears so soon), not a
+                        # board to wait the whole flash timeout for.
+                        raise HardwareError(
+                            "uf2-drive", "the board is not there: no port and no UF2 drive"
+                        )
                 if loop.time() >= deadline:
                     what = "after the 1200-baud touch" if touched else "(the port was absent)"
                     raise HardwareError("uf2-drive", f"no UF2 drive appeared {what}")

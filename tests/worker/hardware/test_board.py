@@ -158,3 +158,15 @@ def test_a_board_found_in_its_bootloader_has_its_port_and_drive_found_by_serial_
     assert boot_drive_by_serial("AB12", disks, mounts) is None  # not in its bootloader
     mounts.write_text("/dev/sda1 / ext4 rw 0 0\n")
     assert boot_drive_by_serial("DE6280E4", disks, mounts) is None  # not mounted (yet)
+
+
+async def test_an_unplugged_board_fails_its_flash_soon_not_at_the_flash_timeout(
+    farm: SimulatedFarm,
+) -> None:
+    await farm.unplug("sim-001")
+    board = farm.board(farm.device("sim-001"))
+    async with asyncio.timeout(20):  # far below the flash timeout it is given
+        with pytest.raises(HardwareError) as failure:
+            await board.flash(farm.firmware_paths()["default"], timeout=60.0)
+    assert failure.value.step == "uf2-drive"
+    assert "not there: no port and no UF2 drive" in str(failure.value)
