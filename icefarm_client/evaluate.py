@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class Item:
     data: bytes
     lanes_tried: int = 0
     last_error: str = ""
+    # Tries on the lanes that gave it back (a worker's own count restarts on the next one).
+    earlier_attempts: int = 0
 
 
 @dataclass
@@ -191,7 +194,7 @@ class Evaluation:
         """A bitstream a lane could not run: another lane tries it, or it fails."""
         item.last_error = error
         if item.lanes_tried >= MAX_LANES_PER_BITSTREAM:
-            self._emit(Result(item.id, "", error=error, attempt=item.lanes_tried))
+            self._emit(Result(item.id, "", error=error, attempt=item.earlier_attempts))
             return
         self.reruns.append(item)
 
@@ -219,6 +222,7 @@ class Evaluation:
             call.cancel()
         self._close(lane)
         for item in list(lane.in_flight.values()):
+            item.earlier_attempts += 1  # it was on its way to (or on) a board of the lane
             self._give_back(item, lane.error)
         lane.in_flight.clear()
         self._refill()
@@ -230,7 +234,9 @@ class Evaluation:
         if result.error.startswith(NO_BOARD_LEFT):
             lane.error = f"{lane.worker}: {result.error}"
             self._close(lane)
+            item.earlier_attempts += max(result.attempt, 1)
             self._give_back(item, result.error)
         else:
-            self._emit(result)
+            # `attempt` counts every try of the bitstream, on this worker and before it.
+            self._emit(dataclasses.replace(result, attempt=result.attempt + item.earlier_attempts))
         self._refill()

@@ -142,3 +142,6 @@ def test_a_board_failing_after_the_other_workers_lane_finished_reruns_there(
         results = list(farm_.evaluate(data, in_flight=1))
     assert sorted(r.bitstream_id for r in results) == ["0", "1"]
     assert all(r.ok and r.device_id == "lab-g-sim-000" for r in results)
+    # The one that failed over counts its tries on lab-h too (a worker's count starts anew).
+    first, failed_over = sorted(r.attempt for r in results)
+    assert first == 1 and failed_over >= 2
