@@ -222,6 +222,7 @@ class Experimenter:
             variance=result.variance,
             error=result.error,
             attempt=result.attempt,
+            run=round(result.run_duration.total_seconds(), 4),
         )
 
 

@@ -53,6 +53,9 @@ def board_recoveries(outcome: Outcome) -> None:
         ((r["t"], life, r) for life, r in outcome.seen.records("error")), key=lambda x: x[0]
     )
     firings = sorted(outcome.firings, key=lambda f: float(f["t"]))
+    grants = sorted(
+        ((r["t"], life, r) for life, r in outcome.seen.records("granted")), key=lambda x: x[0]
+    )
     for record in outcome.records:
         if record.kind not in RERUN_KINDS | {"board-slow"} or not record.holder:
             continue
@@ -68,12 +71,13 @@ def board_recoveries(outcome: Outcome) -> None:
                 continue
             start = float(fired["t"])
             record.extra["fired_after_injection"] = round(start - record.t, 2)
-            before = [
+            # Whoever was granted the board last before it fired was evaluating on it.
+            granted = [
                 (life.index, life.life)
-                for t, life, r in results
-                if r["device"] == record.target and start - RERUN_WINDOW <= t <= start
+                for t, life, r in grants
+                if t <= start and record.target in r.get("devices", [])
             ]
-            holder = before[-1] if before else holder
+            holder = granted[-1] if granted else holder
         for t, life, r in results:
             if t < start:
                 continue
@@ -82,8 +86,11 @@ def board_recoveries(outcome: Outcome) -> None:
             if (life.index, life.life) != holder:
                 continue
             if record.kind == "board-slow" and r["device"] == record.target:
-                record.recovery = t - start
-                break
+                # Its own answer, not one that was already on its way when it fired.
+                if t - float(r.get("run", 0.0)) >= start - 0.05:
+                    record.recovery = t - start
+                    break
+                continue
             if record.kind != "board-slow" and r["attempt"] >= 2:
                 record.recovery = t - start
                 break
