@@ -10,6 +10,7 @@ skipped (the stream goes on, as for any other refused message). Shared by contro
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
@@ -20,6 +21,8 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from icefarm.metadata import REQUEST_ID_HEADER
 
 log = structlog.get_logger(__name__)
 ERROR_DOMAIN = "icefarm.dev"
@@ -92,36 +95,50 @@ async def _refuse(context: Context, type_name: str) -> None:
     await context.abort_with_status(refusal(type_name))
 
 
+def request_id(context: Context) -> str:
+    """The caller's `x-request-id` (kept when it is short and printable), else a new one: every
+    log line of the call carries it, so one call's lines can be found together."""
+    for key, value in context.invocation_metadata() or ():
+        usable = isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable()
+        if key == REQUEST_ID_HEADER and usable:
+            return str(value)
+    return secrets.token_hex(6)
+
+
 def _unary(target: Callable[..., Any], type_name: str) -> Callable[..., Any]:
     async def call(request: Any, context: Context) -> Any:
-        if request is UNDECODABLE:
-            await _refuse(context, type_name)
-        return await target(request, context)
+        with structlog.contextvars.bound_contextvars(request_id=request_id(context)):
+            if request is UNDECODABLE:
+                await _refuse(context, type_name)
+            return await target(request, context)
 
     return call
 
 
 def _to_stream(target: Callable[..., Any], type_name: str) -> Callable[..., Any]:
     async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        if request is UNDECODABLE:
-            await _refuse(context, type_name)
-        async for response in target(request, context):
-            yield response
+        with structlog.contextvars.bound_contextvars(request_id=request_id(context)):
+            if request is UNDECODABLE:
+                await _refuse(context, type_name)
+            async for response in target(request, context):
+                yield response
 
     return call
 
 
 def _streamed(target: Callable[..., Any], type_name: str, rpc: str) -> Callable[..., Any]:
     async def call(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        async for response in target(_decoded(requests, context, type_name, rpc), context):
-            yield response
+        with structlog.contextvars.bound_contextvars(request_id=request_id(context)):
+            async for response in target(_decoded(requests, context, type_name, rpc), context):
+                yield response
 
     return call
 
 
 def _streamed_unary(target: Callable[..., Any], type_name: str, rpc: str) -> Callable[..., Any]:
     async def call(requests: AsyncIterator[Any], context: Context) -> Any:
-        return await target(_decoded(requests, context, type_name, rpc), context)
+        with structlog.contextvars.bound_contextvars(request_id=request_id(context)):
+            return await target(_decoded(requests, context, type_name, rpc), context)
 
     return call
 

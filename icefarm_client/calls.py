@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from typing import Any, TypeVar
 
 import grpc
@@ -15,6 +16,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from icefarm.metadata import REQUEST_ID_HEADER
 from icefarm.v1 import control_service_pb2_grpc as cpb_grpc
 from icefarm.v1 import reservation_service_pb2_grpc as rpb_grpc
 from icefarm.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -72,7 +74,10 @@ class CallBase:
         stub = self._reservations if service == "reservations" else self._control
         function = getattr(stub, method)
         deadline = timeout if timeout is not None else self.settings.timeout
-        metadata = self.settings.metadata()
+        # One id for the call and its retries: the control's log lines of it carry it. A
+        # Reserve's is its idempotency key, so its retries are found with it too.
+        call_id = getattr(request, "request_id", "") or uuid.uuid4().hex[:12]
+        metadata = (*self.settings.metadata(), (REQUEST_ID_HEADER, call_id))
         policy = self.settings.retry
 
         async def invoke() -> Any:

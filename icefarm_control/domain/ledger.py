@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import structlog
-
 from icefarm_control.domain import reservation_log
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.requests import ReserveSpec
@@ -21,10 +19,8 @@ from icefarm_control.domain.states import (
     state_after_release,
 )
 from icefarm_control.storage import queries as q
-from icefarm_control.storage.database import Transaction
+from icefarm_control.storage.database import Transaction, log_after_commit
 from icefarm_control.storage.records import ReservationRow, ReservedDeviceRow
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,14 @@ class ReservationLedger:
             request_id=spec.request_id,
         )
         await reservation_log.record_created(tx, row, spec.lease.total_seconds(), now)
-        log.info("reserved", reservation=row.id, client=client_id, devices=[d.id for d in taken])
+        log_after_commit(
+            tx,
+            "reserved",
+            client=client_id,
+            reservation=row.id,
+            reserve_request=spec.request_id,
+            devices=[d.id for d in taken],
+        )
         return row
 
     async def let_go(
@@ -123,11 +126,22 @@ class ReservationLedger:
             if closed:
                 await q.end_reservation(tx, row.id, reason.value, now)
                 ended.append(row.id)
-                log.info(
+                log_after_commit(
+                    tx,
                     "reservation ended",
-                    reservation=row.id,
                     client=row.client_id,
+                    reservation=row.id,
                     reason=reason.value,
+                    devices=letting_go,
+                )
+            else:
+                log_after_commit(
+                    tx,
+                    "devices released",
+                    client=row.client_id,
+                    reservation=row.id,
+                    reason=reason.value,
+                    devices=letting_go,
                 )
             letting_go_rows = [held[d] for d in letting_go]
             await reservation_log.record_release(tx, row, letting_go_rows, reason, closed, now)

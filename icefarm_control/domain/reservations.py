@@ -38,7 +38,7 @@ from icefarm_control.notifier import Notifier
 from icefarm_control.storage import fast_paths
 from icefarm_control.storage import queries as q
 from icefarm_control.storage import waiter_queries as waiter_q
-from icefarm_control.storage.database import Database, Transaction
+from icefarm_control.storage.database import Database, Transaction, log_after_commit
 from icefarm_control.storage.records import ReservationRow
 
 log = structlog.get_logger(__name__)
@@ -114,6 +114,13 @@ class ReservationEngine:
             request_id=spec.request_id,
         )
         if quick is not None:
+            log.info(
+                "reserved",
+                client=client_id,
+                reservation=reservation_id,
+                reserve_request=spec.request_id,
+                devices=[d.id for d in quick],
+            )
             return self.grant(new_reservation_row(reservation_id, client_id, spec, quick, now))
         async with self.db.write() as tx:
             now = self.clock.now()
@@ -225,6 +232,13 @@ class ReservationEngine:
                 now=self.clock.now(),
             )
             if quick is not None:
+                log.info(
+                    "reservation ended",
+                    client=client_id,
+                    reservation=reservation_ids[0],
+                    reason=EndReason.RELEASED.value,
+                    devices=list(quick.device_ids),
+                )
                 if quick.queued:
                     await self.serve_waiters()
                 return ReleaseOutcome(quick.device_ids, [reservation_ids[0]])
@@ -427,6 +441,13 @@ class ReservationEngine:
             for row in updated:
                 if row.end_time != before[row.id]:
                     await reservation_log.record_extended(tx, row, now)
+                    log_after_commit(
+                        tx,
+                        "extended",
+                        client=row.client_id,
+                        reservation=row.id,
+                        until=row.end_time.isoformat(),
+                    )
         return [self.grant(r) for r in updated]
 
     async def list_reservations(

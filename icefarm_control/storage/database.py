@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -20,6 +21,16 @@ WRITE_OPTION = "icefarm_write"
 # Storage's handle on an open transaction. The domain passes it to storage functions and
 # never uses it itself; only this package opens, commits and rolls back transactions.
 Transaction = AsyncConnection
+_LOG_KEY = "icefarm.after_commit_log"
+log = structlog.get_logger("icefarm_control.audit")
+
+
+def log_after_commit(tx: AsyncConnection, what: str, **fields: Any) -> None:
+    """An info line about what this transaction decided, written once it has committed (a
+    transaction that is rolled back or retried logs nothing of it)."""
+    tx.info.setdefault(_LOG_KEY, []).append((what, fields))
+
+
 # Reserve/Release statements one replica runs on PostgreSQL at once (config: db_concurrency):
 # past a few at once PostgreSQL on a small machine gets slower, not faster.
 DEFAULT_DB_CONCURRENCY = 3 * (os.cpu_count() or 2)
@@ -101,6 +112,7 @@ class Database:
         """A transaction that may write; committed on success, rolled back on error. The
         topics it touched (storage/outbox.py) are published once it has committed."""
         topics: set[str] = set()
+        lines: list[tuple[str, dict[str, Any]]] = []
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
@@ -111,6 +123,7 @@ class Database:
                 async with conn.begin():
                     yield conn
                     topics = take_touched(conn)
+                    lines = conn.info.pop(_LOG_KEY, [])
             except BaseException:
                 # Forget the topics of what did not commit. On a connection the server closed,
                 # reading its `info` makes SQLAlchemy reconnect outside its greenlet
@@ -118,8 +131,11 @@ class Database:
                 # UNAVAILABLE, which callers retry): that cleanup may fail, the error stands.
                 with contextlib.suppress(Exception):
                     take_touched(conn)
+                    conn.info.pop(_LOG_KEY, None)
                 raise
         self.published(topics)
+        for what, fields in lines:
+            log.info(what, **fields)
 
     def published(self, topics: set[str]) -> None:
         """Wake the readers of `topics` after a commit: this process's at once, and (through
