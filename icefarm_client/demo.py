@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,19 +68,36 @@ def _stop(process: subprocess.Popen[bytes] | None, name: str) -> None:
         process.wait(timeout=10)
 
 
+def _tool(name: str) -> str:
+    """How to run one of this install's commands as typed in a shell here: its path in the
+    environment the demo runs from (relative when under the current directory), since a venv
+    made by `make demo` is not on PATH."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        found = shutil.which(name)
+        return shlex.quote(found) if found else name
+    try:
+        return shlex.quote(str(path.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
+
+
 def _commands(address: str, keep_running: bool) -> None:
-    if keep_running:
-        print(f"\nThe control is at {address}. Try, in another terminal:")
-    else:
-        print(f"\nThe control was at {address}; run `icefarm demo --keep-running` to keep it up")
-        print("and try, in another terminal (with its address):")
-    print(f"  icefarm --control {address} status")
-    print(f"  icefarm --control {address} devices kind=pico2-ice")
-    print(f"  icefarm --control {address} reserve 2 --mode pulsecount")
-    print(f"  icefarm --control {address} watch")
-    print(f"  grpcurl -plaintext {address} list")
-    print(f"  grpcurl -plaintext -d '{{}}' {address} icefarm.v1.ControlService/ListDevices")
-    print(f"  grpcurl -plaintext -H 'icefarm-client-id: me' -d '{{\"count\": 1}}' {address} "
+    icefarm, grpcurl = _tool("icefarm"), _tool("grpcurl")
+    if not keep_running:
+        print("\nTo keep the farm up and try the CLI and grpcurl on it, run:")
+        print(f"  {icefarm} demo --keep-running")
+        return
+    print(f"\nThe control is at {address}. Try, in another terminal:")
+    print(f"  {icefarm} --control {address} status")
+    print(f"  {icefarm} --control {address} devices kind=pico2-ice")
+    print(f"  {icefarm} --control {address} --client-id me reserve 2 --mode pulsecount")
+    print(f"  {icefarm} --control {address} --client-id me reservations")
+    print(f"  {icefarm} --control {address} --client-id me release --all")
+    print(f"  {icefarm} --control {address} watch")
+    print(f"  {grpcurl} -plaintext {address} list")
+    print(f"  {grpcurl} -plaintext -d '{{}}' {address} icefarm.v1.ControlService/ListDevices")
+    print(f"  {grpcurl} -plaintext -H 'icefarm-client-id: me' -d '{{\"count\": 1}}' {address} "
           "icefarm.v1.ReservationService/Reserve")  # fmt: skip
 
 

@@ -8,6 +8,7 @@ import shlex
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 from icefarm.settings import format_duration
 from icefarm_client.cli.output import plain, print_json, table, when
@@ -148,7 +149,8 @@ def _say_queued(client: Client, args: argparse.Namespace, wanted: int) -> None:
 def _as_typed(args: argparse.Namespace, *words: str) -> str:
     """An `icefarm` command line that reaches the same control as the same client, for a hint
     to print (the flags given on this command line are repeated)."""
-    line = ["icefarm", *words]
+    typed = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "icefarm" else "icefarm"
+    line = [typed, *words]
     if getattr(args, "control", None):
         line += ["--control", args.control]
     if getattr(args, "client_id", None):
