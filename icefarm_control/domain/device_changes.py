@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -16,6 +16,7 @@ import structlog
 from icefarm_control.domain import events
 from icefarm_control.domain.device_reports import (
     DeviceReport,
+    carry_worker_labels,
     merge_labels,
     merge_properties,
 )
@@ -83,6 +84,22 @@ class DeviceChange:
 
 
 @dataclass(frozen=True)
+class WorkerLabels:
+    """The labels of the reporting worker, which its devices carry (`previous`: its labels
+    before the Register being reconciled, None outside a Register)."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    previous: Mapping[str, str] | None = None
+
+    def onto(self, labels: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+        """`labels` (a device's, `own` the ones its report names) with the worker's."""
+        if not self.labels and not self.previous:
+            return labels
+        previous = dict(self.previous) if self.previous is not None else None
+        return carry_worker_labels(labels, own, dict(self.labels), previous)
+
+
+@dataclass(frozen=True)
 class DeviceWrite:
     """What a report changes in a device row (`values`), and the change it records."""
 
@@ -97,9 +114,11 @@ def plan_report(
     report: DeviceReport,
     state: DeviceState | None,
     now: datetime,
+    worker_labels: WorkerLabels | None = None,
 ) -> DeviceWrite | None:
-    """What the report changes (labels and properties merge; `state` None keeps the state);
-    None when nothing changes."""
+    """What the report changes (labels and properties merge, the worker's labels carried over;
+    `state` None keeps the state); None when nothing changes."""
+    carried = worker_labels or WorkerLabels()
     if existing is None:
         if not report.kind:
             raise InvalidArgument("device_update.kind", "is required for a new device")
@@ -107,7 +126,7 @@ def plan_report(
         values: dict[str, Any] = {
             "worker_name": worker,
             "kind": report.kind,
-            "labels": merge_labels({}, report.labels),
+            "labels": carried.onto(merge_labels({}, report.labels), report.labels),
             "properties": merge_properties({}, report.properties),
             "state": new_state.value,
             "state_time": now,
@@ -117,7 +136,7 @@ def plan_report(
         return DeviceWrite(DeviceChange(report.device_id, None, new_state), False, values)
     current = DeviceState(existing.state)
     new_state = state or current
-    values = _changed_values(existing, worker, report, new_state)
+    values = _changed_values(existing, worker, report, new_state, carried)
     if new_state != current:
         values.update(state=new_state.value, state_time=now)
     if not values:
@@ -139,9 +158,10 @@ async def store_report(
     report: DeviceReport,
     state: DeviceState | None,
     now: datetime,
+    worker_labels: WorkerLabels | None = None,
 ) -> DeviceChange | None:
     """Write what one report changes at once (plan_report); None when nothing changed."""
-    write = plan_report(worker, existing, report, state, now)
+    write = plan_report(worker, existing, report, state, now, worker_labels)
     if write is None:
         return None
     (change,) = await write_planned(conn, [write])
@@ -149,10 +169,14 @@ async def store_report(
 
 
 def _changed_values(
-    existing: DeviceRow, worker: str, report: DeviceReport, new_state: DeviceState
+    existing: DeviceRow,
+    worker: str,
+    report: DeviceReport,
+    new_state: DeviceState,
+    carried: WorkerLabels,
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    labels = merge_labels(existing.labels, report.labels)
+    labels = carried.onto(merge_labels(existing.labels, report.labels), report.labels)
     if labels != existing.labels:
         values["labels"] = labels
     properties = merge_properties(existing.properties, report.properties)

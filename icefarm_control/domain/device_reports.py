@@ -89,6 +89,25 @@ def merge_properties(current: dict[str, float], update: dict[str, float]) -> dic
     return {k: v for k, v in merged.items() if not math.isnan(v)}
 
 
+def carry_worker_labels(
+    labels: dict[str, str],
+    own: dict[str, str],
+    worker: dict[str, str],
+    previous: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """A device carries its worker's labels, so selectors match them (`room=b12`); the
+    device's own label wins on a conflict. `own`: the labels the report itself names.
+    `previous`: the worker's labels before this Register; one it dropped or changed is taken
+    off a device that still carries the old value and does not name the key itself."""
+    carried = dict(labels)
+    for key, value in (previous or {}).items():
+        if worker.get(key) != value and carried.get(key) == value and key not in own:
+            del carried[key]
+    for key, value in worker.items():
+        carried.setdefault(key, value)
+    return carried
+
+
 def judge_update(known: KnownDevice | None, report: DeviceReport) -> Judgement:
     """A live DeviceUpdate. Raises IllegalTransition for a move the table forbids.
 

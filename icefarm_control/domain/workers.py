@@ -11,7 +11,7 @@ import contextlib
 import functools
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -22,6 +22,7 @@ from icefarm_control.domain import events
 from icefarm_control.domain.clock import Clock
 from icefarm_control.domain.device_changes import (
     DeviceWrite,
+    WorkerLabels,
     break_device,
     end_holds_in,
     plan_report,
@@ -90,6 +91,8 @@ class Session:
     worker: str
     generation: int
     replica: str
+    # The worker's labels as registered: its devices carry them (device_changes.WorkerLabels).
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def check_registration(registration: Registration, limits: Limits) -> None:
@@ -163,10 +166,11 @@ class WorkerRegistry:
         dead one, and reconcile its devices with what the database holds (ARCHITECTURE §7),
         a bounded batch of devices per transaction."""
         check_registration(registration, self.limits)
-        session = await self._start_session(registration)
+        session, previous_labels = await self._start_session(registration)
         self._live.add((session.worker, session.generation))
         try:
-            await self._reconcile(session, registration.devices)
+            carried = WorkerLabels(session.labels, previous_labels)
+            await self._reconcile(session, registration.devices, carried)
             async with self.db.write() as conn:
                 await self._worker_changed(conn, session.worker)
         except BaseException:
@@ -176,8 +180,10 @@ class WorkerRegistry:
         log.info("worker registered", worker=session.worker, generation=session.generation)
         return session
 
-    async def _start_session(self, registration: Registration) -> Session:
+    async def _start_session(self, registration: Registration) -> tuple[Session, dict[str, str]]:
+        """The new session, and the worker's labels before it (its devices carry them)."""
         name = registration.name
+        labels = {k: v for k, v in registration.labels.items() if v}
         now = self.clock.now()
         async with self.db.write() as conn:
             await wq.ensure_worker(conn, name, now)
@@ -197,7 +203,7 @@ class WorkerRegistry:
                 endpoint=registration.endpoint,
                 version=registration.version,
                 modes=registration.modes,
-                labels={k: v for k, v in registration.labels.items() if v},
+                labels=labels,
                 state=WorkerState.DRAINING if draining else WorkerState.ONLINE,
                 replica=self.replica_id,
                 generation=generation,
@@ -207,7 +213,7 @@ class WorkerRegistry:
             await outbox.requeue_sent_commands(conn, name)
             # Wakes the replaced stream (if any), which then finds it is no longer current.
             outbox.touch(conn, outbox.worker_topic(name))
-        return Session(name, generation, self.replica_id)
+        return Session(name, generation, self.replica_id, labels), row.labels
 
     async def _drain_deadline(
         self,
@@ -245,11 +251,15 @@ class WorkerRegistry:
             return (row.name, row.session_generation) in self._live
         return await replicas.is_live(conn, holder, now - self.timers.replica_stale_after)
 
-    async def _reconcile(self, session: Session, reports: Sequence[DeviceReport]) -> None:
+    async def _reconcile(
+        self, session: Session, reports: Sequence[DeviceReport], carried: WorkerLabels
+    ) -> None:
         batch = self.limits.devices_per_transaction
         for start in range(0, len(reports), batch):
             chunk = reports[start : start + batch]
-            step = functools.partial(self._reconcile_batch, session=session, reports=chunk)
+            step = functools.partial(
+                self._reconcile_batch, session=session, reports=chunk, carried=carried
+            )
             freed = await write_retrying(self.db, step)
             if freed:
                 await self.engine.serve_waiters()
@@ -276,7 +286,11 @@ class WorkerRegistry:
             raise SessionExpired(_expired(session))
 
     async def _reconcile_batch(
-        self, conn: Transaction, session: Session, reports: Sequence[DeviceReport]
+        self,
+        conn: Transaction,
+        session: Session,
+        reports: Sequence[DeviceReport],
+        carried: WorkerLabels,
     ) -> bool:
         """One transaction of a Register's reconcile; True when a device became free."""
         worker, now = session.worker, self.clock.now()
@@ -297,7 +311,7 @@ class WorkerRegistry:
                 judgement = judge_reconnect(
                     _known(device), report, prepare_pending=(report.device_id, holder) in prepares
                 )
-                write = plan_report(worker, device, report, judgement.state, now)
+                write = plan_report(worker, device, report, judgement.state, now, carried)
             except (FailedPrecondition, InvalidArgument) as error:
                 log.warning("device not reconciled", worker=worker, error=error.message)
                 continue
@@ -388,7 +402,10 @@ class WorkerRegistry:
             _check_move(existing, session.worker)
         judgement = judge_update(_known(existing), report)
         now = self.clock.now()
-        change = await store_report(conn, session.worker, existing, report, judgement.state, now)
+        carried = WorkerLabels(session.labels)
+        change = await store_report(
+            conn, session.worker, existing, report, judgement.state, now, carried
+        )
         freed = await record_changes(conn, [change] if change else [], now)
         ends = {judgement.end_hold: [report.device_id]} if judgement.end_hold else {}
         return await end_holds_in(conn, self.engine, ends) or freed

@@ -8,7 +8,7 @@ out a command) is one conditional UPDATE … RETURNING, so exactly one replica a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +52,7 @@ class WorkerSessionRow:
     session_replica: str | None
     session_generation: int
     drain_deadline: datetime | None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- sessions
@@ -85,6 +86,7 @@ async def lock_worker(conn: AsyncConnection, name: str) -> WorkerSessionRow | No
             workers.c.session_replica,
             workers.c.session_generation,
             workers.c.drain_deadline,
+            workers.c.labels,
         )
         .where(workers.c.name == name)
         .with_for_update()
@@ -99,6 +101,7 @@ async def lock_worker(conn: AsyncConnection, name: str) -> WorkerSessionRow | No
         row.session_replica,
         row.session_generation,
         row.drain_deadline,
+        dict(row.labels or {}),
     )
 
 
