@@ -118,3 +118,11 @@ def unknown_variables(
         hint = f" (did you mean {close[0]}?)" if close else ""
         warnings.append(f"unknown environment variable {variable}{hint}: ignored")
     return warnings
+
+
+def with_default(help_text: str, default: object) -> str:
+    """A setting's help with its default as people write it (unless the text says one)."""
+    if "default" in help_text or default in (None, "", ()):
+        return help_text
+    shown = format_duration(default) if isinstance(default, timedelta) else str(default)
+    return f"{help_text} (default: {shown})"

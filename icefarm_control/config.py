@@ -4,6 +4,7 @@ optional TOML file (--config or ICEFARM_CONFIG), then the defaults below."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ from icefarm.settings import (
     format_duration,
     layered_values,
     unknown_variables,
+    with_default,
 )
 from icefarm.settings import ConfigError as ConfigError
 from icefarm_control.domain.settings import Timers
@@ -88,7 +90,12 @@ SETTINGS: tuple[Setting, ...] = (
         parse_duration,
         "how long before a lease ends holders are warned",
     ),
-    Setting("heartbeat_interval", parse_duration, "worker heartbeat period"),
+    Setting(
+        "heartbeat_interval",
+        parse_duration,
+        "worker heartbeat period, at most half of offline_timeout "
+        "(default: a third of offline_timeout, at most 5s)",
+    ),
     Setting(
         "offline_timeout",
         parse_duration,
@@ -189,14 +196,17 @@ def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = 
         "--config", metavar="FILE", help="TOML file with any of the settings below (ICEFARM_CONFIG)"
     )
     wanted = None if only is None else set(only)
+    defaults = {f.name: f.default for f in dataclasses.fields(ControlConfig)}
     for setting in SETTINGS:
         if wanted is not None and setting.name not in wanted:
             continue
+        default = defaults.get(setting.name)
+        text = with_default(setting.help, None if default is dataclasses.MISSING else default)
         parser.add_argument(
             setting.flag,
             dest=setting.name,
             metavar=setting.name.split("_")[-1].upper(),
-            help=f"{setting.help} [{setting.env}]",
+            help=f"{text} [{setting.env}]",
         )
 
 

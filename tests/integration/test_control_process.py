@@ -448,6 +448,15 @@ def test_an_unknown_icefarm_variable_is_warned_about_naming_the_closest_setting(
     ]
 
 
+def test_serve_help_shows_each_settings_default_as_written() -> None:
+    result = run(CONTROL, "serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.output.split())
+    assert "(default: 30s) [ICEFARM_OFFLINE_TIMEOUT]" in text
+    assert "(default: 5m) [ICEFARM_WORKER_GRACE]" in text
+    assert "(default: 1h) [ICEFARM_DEFAULT_LEASE]" in text
+
+
 def test_db_commands_list_only_the_settings_they_use() -> None:
     result = run(CONTROL, "db", "upgrade", "--help")
     assert result.returncode == 0
