@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,11 +250,18 @@ class Injector:
 
     # ------------------------------------------------------------ board faults
 
-    async def _held_board(self, record: FaultRecord) -> tuple[int, str] | None:
+    async def _held_board(
+        self, record: FaultRecord, with_another: bool = False
+    ) -> tuple[int, str] | None:
+        """A READY board a client holds; `with_another`: preferably one whose holder holds
+        another board too (where a bitstream of the faulty board can rerun)."""
         holders = await self.monitor.holders()
         ready = sorted(
             d for d in holders if self.monitor.state_at(d) == "READY" and d.startswith("w")
         )
+        if with_another:
+            held = Counter(holders.values())
+            ready = [d for d in ready if held[holders[d]] >= 2] or ready
         if not ready:
             record.error = "no READY board held by a client"
             return None
@@ -287,7 +295,7 @@ class Injector:
         record.recovery = None if back is None else back - left
 
     async def _board_unplug(self, record: FaultRecord) -> None:
-        chosen = await self._held_board(record)
+        chosen = await self._held_board(record, with_another=True)
         if chosen is None:
             return
         worker, device = chosen
