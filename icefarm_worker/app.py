@@ -100,7 +100,8 @@ class WorkerApp:
                 ready=config.ready_timeout,
                 evaluate=config.evaluate_timeout,
             ),
-            report=lambda update: self.session.report(update),
+            # Every report carries the devices' properties and run-time labels.
+            report=lambda update: self.session.report(hw.descriptions.complete(update)),
         )
         self.access = Access(self.fleet)
         try:
@@ -114,7 +115,7 @@ class WorkerApp:
         self.session = ControlSession(
             config.control,
             Identity(config.name, self.endpoint, _version(), sorted(hw.modes), config.labels),
-            devices=self.fleet.updates,
+            devices=lambda: [hw.descriptions.complete(u) for u in self.fleet.updates()],
             on_command=self.commands.handle,
             on_registered=lambda registered: self.access.set_key(registered.token_verification_key),
             reconnect_max=config.reconnect_max,
@@ -145,6 +146,7 @@ class WorkerApp:
             "",
             hw.usbip.port if hw.usbip is not None else None,
             self.config.evaluate_queue_per_board,
+            hw.descriptions,
         )
         # Bytes that are not the request message are INVALID_ARGUMENT (icefarm/handlers.py).
         add_servicer(server, WORKER_SERVICE, self.servicer)

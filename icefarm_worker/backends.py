@@ -1,6 +1,8 @@
-"""Which hardware the worker drives: the boards on this host's USB, or a simulated farm.
+"""Which hardware the worker drives: the boards on this host's USB, a simulated farm, or no
+boards; plus the devices that are not boards (declared in the config, GPUs found by NVML),
+which are added to whichever discovery runs.
 
-Both come out as the same `Hardware` (the interfaces of hardware/base.py), so the rest of the
+All come out as the same `Hardware` (the interfaces of hardware/base.py), so the rest of the
 worker cannot tell them apart.
 """
 
@@ -14,8 +16,11 @@ from pathlib import Path
 import structlog
 
 from icefarm_worker.config import ConfigError, WorkerConfig
+from icefarm_worker.descriptions import DeviceDescriptions
 from icefarm_worker.fleet import BoardFactory
 from icefarm_worker.hardware.base import Board, DiscoveredDevice, Discovery, Usbip
+from icefarm_worker.hardware.declared import NoBoards, WithDevices
+from icefarm_worker.hardware.nvml import find_gpus
 from icefarm_worker.modes import MODES
 from icefarm_worker.modes.base import Mode
 
@@ -28,7 +33,8 @@ async def _nothing() -> None:
 
 @dataclass
 class Hardware:
-    """Discovery, the board factory, usbip, the firmware files and the modes."""
+    """Discovery, the board factory, usbip, the firmware files and the modes; `descriptions`
+    holds the devices' properties and run-time labels (every DeviceUpdate goes through it)."""
 
     discovery: Discovery
     make_board: BoardFactory
@@ -36,15 +42,44 @@ class Hardware:
     firmware: dict[str, Path]
     modes: Mapping[str, type[Mode]] = field(default_factory=lambda: dict(MODES))
     close: Callable[[], Awaitable[None]] = _nothing
+    descriptions: DeviceDescriptions = field(default_factory=DeviceDescriptions)
 
 
 async def open_hardware(config: WorkerConfig) -> Hardware:
+    """The boards (`_boards`), with the declared devices and the GPUs added."""
+    hardware = await _boards(config)
+    return with_devices(hardware, config)
+
+
+def with_devices(hardware: Hardware, config: WorkerConfig) -> Hardware:
+    """`hardware` whose discovery also finds the `[[devices]]` of the config and, unless
+    `gpus = "off"`, the GPUs NVML reports; their properties go to `hardware.descriptions`."""
+    devices: list[DiscoveredDevice] = []
+    for declared in config.devices:
+        devices.append(
+            DiscoveredDevice(
+                declared.device_id, declared.kind, labels=declared.labels, flashable=False
+            )
+        )
+        hardware.descriptions.change(declared.device_id, properties=declared.properties)
+    for gpu in find_gpus() if config.gpus == "auto" else []:
+        devices.append(gpu.device)
+        hardware.descriptions.change(gpu.device.device_id, properties=gpu.properties)
+    if devices:
+        hardware.discovery = WithDevices(hardware.discovery, devices)
+        log.info("devices besides boards", ids=[d.device_id for d in devices])
+    return hardware
+
+
+async def _boards(config: WorkerConfig) -> Hardware:
     """The simulated farm when `config.simulate` > 0, the boards of a simulator process when
-    `config.simulate_root` is set, else this host's USB boards."""
+    `config.simulate_root` is set, none with `boards = "none"`, else this host's USB boards."""
     if config.simulate:
         return await _simulated(config)
     if config.simulate_root:
         return _attached(config)
+    if config.boards == "none":
+        return Hardware(NoBoards(), _no_board, None, dict(config.firmware), modes={})
     from icefarm_worker.hardware.board import SerialBoard
     from icefarm_worker.hardware.discovery import UdevDiscovery
     from icefarm_worker.hardware.usbip import UsbipTools
@@ -61,6 +96,10 @@ async def open_hardware(config: WorkerConfig) -> Hardware:
     if usbip_or_none is None:
         modes.pop("usbip", None)
     return Hardware(UdevDiscovery(), SerialBoard, usbip_or_none, dict(config.firmware), modes)
+
+
+def _no_board(device: DiscoveredDevice) -> Board:
+    raise ConfigError(f"device {device.device_id}: this worker drives no boards (boards = none)")
 
 
 async def _simulated(config: WorkerConfig) -> Hardware:

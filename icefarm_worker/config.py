@@ -5,12 +5,14 @@ Tables only a file can express well also have a flat form for flags and the envi
 `[firmware]` is `--firmware NAME=PATH` (repeatable) or `ICEFARM_WORKER_FIRMWARE=NAME=PATH,...`,
 `[labels]` is `--label KEY=VALUE` or `ICEFARM_WORKER_LABELS=KEY=VALUE,...`. The simulator's
 `[simulator.faults]` table is only read from the file; `[simulator] circuit_seconds` is the
-file's name for `--simulate-circuit-time`.
+file's name for `--simulate-circuit-time`. Devices that are not USB boards (a GPU box, a
+machine) are only declared in the file, as `[[devices]]` tables (see `DeviceDeclaration`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from icefarm import settings
+from icefarm.labels import key_problem, value_problem
 from icefarm.settings import ConfigError as ConfigError
 from icefarm.settings import layered_values, unknown_variables
 
@@ -109,6 +112,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("simulate", _count, "run N simulated boards instead of real hardware (0: real)"),
     Setting(
+        "boards",
+        _choice("usb", "none"),
+        "usb: drive the pico2-ice boards on this host's USB; none: no boards (a machine that "
+        "offers only [[devices]] from the config file and GPUs; needs no firmware)",
+    ),
+    Setting(
+        "gpus",
+        _choice("auto", "off"),
+        "auto: each NVIDIA GPU NVML reports is a device (with the [gpu] extra); off: none",
+    ),
+    Setting(
         "simulate_circuit_time",
         parse_seconds,
         "how long a simulated pulsecount/varmax board takes per bitstream once received "
@@ -147,6 +161,8 @@ class WorkerConfig:
     log_format: str = "console"
     log_level: str = "info"
     simulate: int = 0
+    boards: str = "usb"
+    gpus: str = "auto"
     # Seconds each simulated evaluation takes on the board (`--simulate` only).
     simulate_circuit_time: float = 0.0
     # The directory of a simulator running as its own process ("": none).
@@ -165,6 +181,95 @@ class WorkerConfig:
     firmware: dict[str, Path] = field(default_factory=dict)
     # The `[simulator.faults]` table, handed to the simulator as it is.
     simulator_faults: dict[str, Any] = field(default_factory=dict)
+    # The `[[devices]]` tables: devices that are not USB boards.
+    devices: tuple[DeviceDeclaration, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceDeclaration:
+    """A device that is not a USB board, declared in the config file:
+
+        [[devices]]
+        id = "gpu-box-1"
+        kind = "gpu-server"
+        labels = { status = "idle" }
+        properties = { gpu_memory_mb = 16384 }
+
+    It is never flashed and is AVAILABLE as soon as the worker runs."""
+
+    device_id: str
+    kind: str
+    labels: dict[str, str] = field(default_factory=dict)
+    properties: dict[str, float] = field(default_factory=dict)
+
+
+_DEVICE_KEYS = ("id", "kind", "labels", "properties")
+
+
+def _declarations(value: Any, path: str) -> tuple[DeviceDeclaration, ...]:
+    """The `[[devices]]` tables; ConfigError naming the table and key."""
+    if not isinstance(value, list):
+        raise ConfigError(f"config file {path}: devices must be an array of tables ([[devices]])")
+    found: list[DeviceDeclaration] = []
+    for index, table in enumerate(value):
+        where = f"config file {path}: devices[{index}]"
+        try:
+            declaration = _declaration(table)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        if any(d.device_id == declaration.device_id for d in found):
+            raise ConfigError(f"{where}.id: {declaration.device_id!r} is declared twice")
+        found.append(declaration)
+    return tuple(found)
+
+
+def _declaration(table: Any) -> DeviceDeclaration:
+    """One `[[devices]]` table; ValueError("KEY: problem")."""
+    if not isinstance(table, dict):
+        raise ValueError("id: each entry must be a table with id and kind")
+    unknown = sorted(set(table) - set(_DEVICE_KEYS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key (known: {', '.join(_DEVICE_KEYS)})")
+    for key in ("id", "kind"):
+        if not isinstance(table.get(key), str):
+            raise ValueError(f"{key}: is required (a string)")
+    try:
+        device_id = _name(table["id"])
+    except ValueError as exc:
+        raise ValueError(f"id: {exc}") from None
+    kind = table["kind"]
+    if not re.fullmatch(r"[\x21-\x7e]{1,64}", kind):
+        raise ValueError("kind: must be 1-64 printable ASCII characters without spaces")
+    labels = _declared_labels(table.get("labels", {}))
+    properties = _declared_properties(table.get("properties", {}))
+    return DeviceDeclaration(device_id, kind, labels, properties)
+
+
+def _declared_labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError('labels: must be a table (labels = { key = "value" })')
+    for key, text in value.items():
+        problem = key_problem(key)
+        if problem is None and not isinstance(text, str):
+            problem = f"label {key}: must be a string (quote it)"
+        problem = problem or value_problem(key, text)
+        if problem:
+            raise ValueError(f"labels.{key}: {problem}")
+    return {k: v for k, v in value.items() if v != ""}
+
+
+def _declared_properties(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError("properties: must be a table (properties = { key = 1.5 })")
+    for key, number in value.items():
+        problem = key_problem(key)
+        if problem is None and (isinstance(number, bool) or not isinstance(number, int | float)):
+            problem = "must be a number"
+        if problem is None and not math.isfinite(number):
+            problem = "must be a finite number"
+        if problem:
+            raise ValueError(f"properties.{key}: {problem}")
+    return {k: float(v) for k, v in value.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +307,7 @@ def _read_file(path: str) -> dict[str, Any]:
         values = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
-    known = {s.name for s in SETTINGS} | {"labels", "firmware", "simulator"}
+    known = {s.name for s in SETTINGS} | {"labels", "firmware", "simulator", "devices"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}")
@@ -266,6 +371,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     if not isinstance(faults, dict):
         raise ConfigError(f"config file {config_path}: simulator.faults must be a table")
     values["simulator_faults"] = faults
+    if "devices" in file_values:
+        values["devices"] = _declarations(file_values["devices"], str(config_path))
     config = WorkerConfig(**values)
     check(config)
     return config
@@ -285,8 +392,12 @@ def check(config: WorkerConfig) -> None:
         )
     if config.simulate_root and not Path(config.simulate_root).is_dir():
         raise ConfigError(f"simulate_root: {config.simulate_root} is not a directory")
-    if not config.simulate and not config.simulate_root and "default" not in config.firmware:
+    simulated = config.simulate or config.simulate_root
+    if config.boards == "none" and simulated:
+        raise ConfigError("boards: none drives no boards; drop --simulate/--simulate-root")
+    if not simulated and config.boards == "usb" and "default" not in config.firmware:
         raise ConfigError(
             "firmware default: no default firmware configured (--firmware default=PATH, "
-            "or [firmware] default = PATH in the config file)"
+            "or [firmware] default = PATH in the config file; --boards none for a machine "
+            "without boards)"
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,11 +18,14 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2
 
+from icefarm.labels import key_problem, value_problem
 from icefarm.limits import MAX_BITSTREAM_BYTES
+from icefarm.states import DeviceState
 from icefarm.tokens import TokenClaims
 from icefarm.v1 import worker_service_pb2 as wpb
 from icefarm.v1 import worker_service_pb2_grpc as wpb_grpc
 from icefarm_worker.access import Access
+from icefarm_worker.descriptions import DeviceDescriptions
 from icefarm_worker.errors import (
     MODE_UNSUPPORTED,
     ServiceError,
@@ -35,6 +40,24 @@ from icefarm_worker.lifecycle import HELD, BoardFailed, BoardLifecycle, NotHeld,
 
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:…") is this host
+    over loopback."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "unix":
+        return True
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def device_info(board: BoardLifecycle) -> wpb.DeviceInfo:
@@ -64,8 +87,10 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         export_host: str,
         usbip_port: int | None,
         queue_per_board: int = 4,
+        descriptions: DeviceDescriptions | None = None,
     ) -> None:
         self.access = access
+        self.descriptions = descriptions or DeviceDescriptions()
         self.export_host = export_host
         self.usbip_port = usbip_port
         self.queue_per_board = queue_per_board
@@ -139,6 +164,47 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         """What a held board is doing."""
         _, board = await self._held(context, request.device_id)
         return wpb.GetDeviceInfoResponse(device=device_info(board))
+
+    async def UpdateDevice(
+        self, request: wpb.UpdateDeviceRequest, context: Context
+    ) -> wpb.UpdateDeviceResponse:
+        """Merge labels and properties into a device ("" and NaN remove a key) and tell the
+        control at once. Only from this host (loopback), so no token is needed."""
+        try:
+            board = self._updatable(context.peer() or "", request)
+        except ServiceError as error:
+            log.info("device update refused", reason=error.reason, error=error.message)
+            await abort(context, error)
+        device_id = board.device_id
+        self.descriptions.change(device_id, dict(request.labels), dict(request.properties))
+        self.access.fleet.report(self.descriptions.labels_update(device_id))
+        labels = self.descriptions.labels(device_id, board.device.labels)
+        properties = self.descriptions.properties(device_id)
+        log.info("device updated", device=device_id, labels=labels, properties=properties)
+        return wpb.UpdateDeviceResponse(device_id=device_id, labels=labels, properties=properties)
+
+    def _updatable(self, peer: str, request: wpb.UpdateDeviceRequest) -> BoardLifecycle:
+        """The device an UpdateDevice may change; ServiceError otherwise."""
+        if not is_loopback(peer):
+            raise permission_denied(
+                f"UpdateDevice is accepted only from this host (loopback), not {peer}"
+            )
+        if not request.device_id:
+            raise invalid_field("device_id", "is required")
+        board = self.access.fleet.boards.get(request.device_id)
+        if board is None or board.state == DeviceState.REMOVED:
+            raise invalid_field("device_id", f"no device {request.device_id!r} on this worker")
+        for key, value in request.labels.items():
+            problem = key_problem(key) or value_problem(key, value)
+            if problem:
+                raise invalid_field("labels", problem)
+        for key, number in request.properties.items():
+            problem = key_problem(key)
+            if problem is None and math.isinf(number):
+                problem = f"property {key}: must be finite (NaN removes it)"
+            if problem:
+                raise invalid_field("properties", problem)
+        return board
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[wpb.EvaluateRequest], context: Context

@@ -62,6 +62,11 @@ class WorkerServiceStub:
                 request_serializer=icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoRequest.SerializeToString,
                 response_deserializer=icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoResponse.FromString,
                 _registered_method=True)
+        self.UpdateDevice = channel.unary_unary(
+                '/icefarm.v1.WorkerService/UpdateDevice',
+                request_serializer=icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceRequest.SerializeToString,
+                response_deserializer=icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -104,6 +109,17 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDevice(self, request, context):
+        """Change a device's labels and properties at run time (`icefarm-worker set-device`). Only
+        from this host: a caller that is not on loopback is PERMISSION_DENIED; no token is needed.
+        The change merges (a label set to "" or a property set to NaN is removed) and goes to the
+        control at once, so selectors see it within a second. An unknown device or a bad key is
+        INVALID_ARGUMENT naming the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +147,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GetDeviceInfo,
                     request_deserializer=icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoRequest.FromString,
                     response_serializer=icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoResponse.SerializeToString,
+            ),
+            'UpdateDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDevice,
+                    request_deserializer=icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceRequest.FromString,
+                    response_serializer=icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +292,33 @@ class WorkerService:
             '/icefarm.v1.WorkerService/GetDeviceInfo',
             icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoRequest.SerializeToString,
             icefarm_dot_v1_dot_worker__service__pb2.GetDeviceInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icefarm.v1.WorkerService/UpdateDevice',
+            icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceRequest.SerializeToString,
+            icefarm_dot_v1_dot_worker__service__pb2.UpdateDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,13 @@ class WorkerServiceStub:
     Export: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.ExportRequest, _worker_service_pb2.ExportResponse]
     """usbip mode: where to attach the board."""
     GetDeviceInfo: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.GetDeviceInfoRequest, _worker_service_pb2.GetDeviceInfoResponse]
+    UpdateDevice: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.UpdateDeviceRequest, _worker_service_pb2.UpdateDeviceResponse]
+    """Change a device's labels and properties at run time (`icefarm-worker set-device`). Only
+    from this host: a caller that is not on loopback is PERMISSION_DENIED; no token is needed.
+    The change merges (a label set to "" or a property set to NaN is removed) and goes to the
+    control at once, so selectors see it within a second. An unknown device or a bad key is
+    INVALID_ARGUMENT naming the field.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -63,6 +70,13 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     Export: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.ExportRequest, _worker_service_pb2.ExportResponse]  # type: ignore[assignment]
     """usbip mode: where to attach the board."""
     GetDeviceInfo: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.GetDeviceInfoRequest, _worker_service_pb2.GetDeviceInfoResponse]  # type: ignore[assignment]
+    UpdateDevice: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.UpdateDeviceRequest, _worker_service_pb2.UpdateDeviceResponse]  # type: ignore[assignment]
+    """Change a device's labels and properties at run time (`icefarm-worker set-device`). Only
+    from this host: a caller that is not on loopback is PERMISSION_DENIED; no token is needed.
+    The change merges (a label set to "" or a property set to NaN is removed) and goes to the
+    control at once, so selectors see it within a second. An unknown device or a bad key is
+    INVALID_ARGUMENT naming the field.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by each worker for the holder of a reservation. Every call carries the control-signed
@@ -108,5 +122,18 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_service_pb2.GetDeviceInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_service_pb2.GetDeviceInfoResponse, _abc.Awaitable[_worker_service_pb2.GetDeviceInfoResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateDevice(
+        self,
+        request: _worker_service_pb2.UpdateDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_service_pb2.UpdateDeviceResponse, _abc.Awaitable[_worker_service_pb2.UpdateDeviceResponse]]:
+        """Change a device's labels and properties at run time (`icefarm-worker set-device`). Only
+        from this host: a caller that is not on loopback is PERMISSION_DENIED; no token is needed.
+        The change merges (a label set to "" or a property set to NaN is removed) and goes to the
+        control at once, so selectors see it within a second. An unknown device or a bad key is
+        INVALID_ARGUMENT naming the field.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

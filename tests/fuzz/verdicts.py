@@ -53,6 +53,8 @@ EXPECTED: dict[str, frozenset[grpc.StatusCode]] = {
     "WorkerService.RebootDevice": _ANY | _WORKER,
     "WorkerService.Export": _ANY | _WORKER,
     "WorkerService.GetDeviceInfo": _ANY | _WORKER,
+    # PERMISSION_DENIED: a caller that is not on loopback.
+    "WorkerService.UpdateDevice": _ANY | {C.PERMISSION_DENIED},
 }
 
 # Text that only an exception, a driver or a query puts in a message.
