@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,9 +44,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def is_loopback(peer: str) -> bool:
-    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:…") is this host
-    over loopback."""
-    scheme, _, rest = peer.partition(":")
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000" — gRPC writes peers
+    as URIs —, "unix:…") is this host over loopback."""
+    scheme, _, rest = urllib.parse.unquote(peer).partition(":")
     if scheme == "unix":
         return True
     if scheme not in ("ipv4", "ipv6"):

@@ -20,6 +20,7 @@ from icefarm_worker.app import WorkerApp
 from icefarm_worker.backends import open_hardware
 from icefarm_worker.cli import build_parser
 from icefarm_worker.config import resolve
+from icefarm_worker.service import is_loopback
 from tests.grpc_errors import bad_fields_of
 from tests.integration.conftest import BIN
 from tests.integration.worker_farm import device, eventually
@@ -93,6 +94,25 @@ async def test_an_update_from_another_host_is_permission_denied_and_changes_noth
         return (await device(control, "gpu-box-1")).labels.get("status") == "stolen"
 
     await eventually(seen, timeout=5, what="the loopback update reaching the control")
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("ipv4:127.0.0.1:56298", True),
+        ("ipv4:127.9.9.9:1", True),
+        ("ipv6:%5B::1%5D:37210", True),  # as gRPC writes it
+        ("ipv6:[::1]:37210", True),
+        ("ipv6:%5B::ffff:127.0.0.1%5D:80", True),
+        ("unix:/run/icefarm.sock", True),
+        ("ipv4:192.0.2.2:56298", False),
+        ("ipv6:%5Bfd00::2%5D:37210", False),
+        ("ipv6:%5B::ffff:192.0.2.2%5D:80", False),
+        ("", False),
+    ],
+)
+def test_only_loopback_peers_count_as_this_host(peer: str, local: bool) -> None:
+    assert is_loopback(peer) is local
 
 
 @pytest.mark.parametrize(
