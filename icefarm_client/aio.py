@@ -14,9 +14,11 @@ from typing import Any
 import grpc
 import structlog
 
+from icefarm.settings import format_duration
 from icefarm.v1 import reservation_service_pb2 as rpb
 from icefarm_client import convert
 from icefarm_client.connection import RetryPolicy, Settings
+from icefarm_client.convert import DurationLike
 from icefarm_client.errors import WaitTimeout
 from icefarm_client.farm import AsyncFarm
 from icefarm_client.models import Availability, Event, EventType, Released, Reservation
@@ -92,10 +94,14 @@ class AsyncClient(OperatorCalls):
         await self.close()
 
     async def close(self) -> None:
-        """Close the Session and every channel (reservations are not released)."""
+        """Close the Session and every channel (reservations are not released: a farm left
+        open can be taken back with `resume` by a client of the same client id)."""
         await self.session.stop()
-        for task in list(self._pending):
+        pending = list(self._pending)
+        for task in pending:
             task.cancel()
+        # Awaited, so no task of this client is left pending when its loop stops.
+        await asyncio.gather(*pending, return_exceptions=True)
         await self._close_channels()
 
     # ------------------------------------------------------------ reservations
@@ -108,16 +114,19 @@ class AsyncClient(OperatorCalls):
         mode_args: dict[str, str] | None = None,
         selector: str = "",
         device_ids: Sequence[str] = (),
-        duration: timedelta | None = None,
-        wait: timedelta | None = None,
+        duration: DurationLike | None = None,
+        wait: DurationLike | None = None,
         wait_for_new_devices: bool = False,
     ) -> Reservation:
         """Reserve `count` devices matching `selector` (or exactly `device_ids`), all or
         nothing, and return at once (devices may still be preparing). `wait` queues fairly
         until enough are free (WaitTimeout when it runs out); without it NotEnoughDevices is
         raised at once, and also when the farm has fewer matching devices than `count` unless
-        `wait_for_new_devices`. The reservation is held until its lease ends or it is
-        released."""
+        `wait_for_new_devices`. The reservation is held until its lease ends (`duration`,
+        default the control's) or it is released. Durations are a timedelta, seconds, or text
+        like "90s", "5m", "1h30m"."""
+        lease = convert.optional_timedelta(duration, "duration")
+        queue_for = convert.optional_timedelta(wait, "wait")
         request = rpb.ReserveRequest(
             count=count,
             device_ids=list(device_ids),
@@ -127,12 +136,12 @@ class AsyncClient(OperatorCalls):
             request_id=uuid.uuid4().hex,
             wait_for_new_devices=wait_for_new_devices,
         )
-        if duration is not None:
-            request.duration.CopyFrom(convert.duration(duration))
+        if lease is not None:
+            request.duration.CopyFrom(convert.duration(lease))
         timeout = self.settings.timeout
-        if wait is not None and wait > timedelta(0):
-            request.wait_timeout.CopyFrom(convert.duration(wait))
-            timeout += wait.total_seconds()
+        if queue_for is not None and queue_for > timedelta(0):
+            request.wait_timeout.CopyFrom(convert.duration(queue_for, "wait"))
+            timeout += queue_for.total_seconds()
         answer = await self._call("reservations", "Reserve", request, timeout=timeout)
         return convert.reservation(answer.reservation, answer.token)
 
@@ -144,46 +153,76 @@ class AsyncClient(OperatorCalls):
         mode_args: dict[str, str] | None = None,
         selector: str = "",
         device_ids: Sequence[str] = (),
-        duration: timedelta | None = None,
-        wait: timedelta | None = None,
+        duration: DurationLike | None = None,
+        wait: DurationLike | None = None,
         wait_for_new_devices: bool = False,
-        ready_timeout: timedelta = timedelta(minutes=2),
+        ready_timeout: DurationLike = timedelta(minutes=2),
         auto_extend: bool = True,
     ) -> AsyncFarm:
-        """`async with client.reserve(4, mode="pulsecount") as farm:` — reserve, wait until
-        every device is READY, keep the Session open, extend the lease when it is ending soon
-        (unless `auto_extend` is False), and release on exit, even on an exception."""
+        """`async with client.reserve(4, mode="pulsecount") as farm:` (or `farm = await
+        client.reserve(...)` and later `await farm.close()`) — reserve, wait until every
+        device is READY (DeadlineExceeded after `ready_timeout`), keep the Session open,
+        extend the lease when it is ending soon (unless `auto_extend` is False), and release
+        on closing, even on an exception. Nothing is reserved until the farm is opened."""
+        lease = convert.optional_timedelta(duration, "duration")
+        request = {
+            "count": count,
+            "mode": mode,
+            "mode_args": mode_args or {},
+            "selector": selector,
+            "device_ids": tuple(device_ids),
+            "duration": lease,
+            "wait": convert.optional_timedelta(wait, "wait"),
+            "wait_for_new_devices": wait_for_new_devices,
+        }
         return AsyncFarm(
             self,
-            count=count,
-            mode=mode,
-            mode_args=mode_args or {},
-            selector=selector,
-            device_ids=tuple(device_ids),
-            duration=duration,
-            wait=wait,
-            wait_for_new_devices=wait_for_new_devices,
-            ready_timeout=ready_timeout,
+            request=request,
+            duration=lease,
+            ready_timeout=convert.to_timedelta(ready_timeout, "ready_timeout"),
+            auto_extend=auto_extend,
+        )
+
+    def resume(
+        self,
+        reservation_id: str,
+        *,
+        duration: DurationLike | None = None,
+        ready_timeout: DurationLike = timedelta(minutes=2),
+        auto_extend: bool = True,
+    ) -> AsyncFarm:
+        """Take back a reservation of this client id that is still active (made by an
+        earlier Client, e.g. before a notebook kernel restarted): `farm = await
+        client.resume(id)` or `async with client.resume(id) as farm:`. Opening it extends the
+        lease to at least `duration` from now (default: the control's default lease; never
+        shorter than it was) for a fresh worker token, waits until its devices are READY and
+        auto-extends like `reserve`; closing it releases. ReservationNotFound for an unknown
+        id, ReservationEnded for one that has ended, PermissionDenied for another client's."""
+        return AsyncFarm(
+            self,
+            resume=reservation_id,
+            duration=convert.optional_timedelta(duration, "duration"),
+            ready_timeout=convert.to_timedelta(ready_timeout, "ready_timeout"),
             auto_extend=auto_extend,
         )
 
     async def extend(
-        self, *reservation_ids: str, duration: timedelta | None = None
+        self, *reservation_ids: str, duration: DurationLike | None = None
     ) -> list[Reservation]:
         """Move the lease end of these reservations to `duration` from now (default: the
-        control's default lease); returns them with fresh worker tokens."""
+        control's default lease; never earlier); returns them with fresh worker tokens."""
         request = rpb.ExtendRequest(reservation_ids=list(reservation_ids))
         return await self._extend(request, duration)
 
-    async def extend_all(self, duration: timedelta | None = None) -> list[Reservation]:
+    async def extend_all(self, duration: DurationLike | None = None) -> list[Reservation]:
         """Extend every active reservation of this client."""
         return await self._extend(rpb.ExtendRequest(all=True), duration)
 
     async def _extend(
-        self, request: rpb.ExtendRequest, duration: timedelta | None
+        self, request: rpb.ExtendRequest, duration: DurationLike | None
     ) -> list[Reservation]:
         if duration is not None:
-            request.duration.CopyFrom(convert.duration(duration))
+            request.duration.CopyFrom(convert.duration(duration, "duration"))
         answer = await self._call("reservations", "Extend", request)
         return [convert.reservation(r, answer.tokens.get(r.id, "")) for r in answer.reservations]
 
@@ -221,11 +260,12 @@ class AsyncClient(OperatorCalls):
         return Availability(answer.count, tuple(answer.device_ids))
 
     async def wait_available(
-        self, count: int, selector: str = "", timeout: timedelta | None = None
+        self, count: int, selector: str = "", timeout: DurationLike | None = None
     ) -> Availability:
         """Wait until at least `count` devices matching `selector` are free (a hint: they may
         be taken before you reserve; `create_reservation(wait=...)` keeps your place in
         line). WaitTimeout when `timeout` passes first; InvalidSelector for a bad selector."""
+        limit = convert.optional_timedelta(timeout, "timeout")
         await self.availability(selector)  # a bad selector fails here, with its position
         queue = self._subscribe()
         self.session.watch(selector, count)
@@ -233,11 +273,12 @@ class AsyncClient(OperatorCalls):
         try:
             return await asyncio.wait_for(
                 self._first_available(queue, selector, count),
-                timeout.total_seconds() if timeout is not None else None,
+                limit.total_seconds() if limit is not None else None,
             )
         except TimeoutError:
+            within = format_duration(limit) if limit is not None else "the wait"
             raise WaitTimeout(
-                f"fewer than {count} devices matching {selector!r} were free within {timeout}",
+                f"fewer than {count} devices matching {selector!r} were free within {within}",
                 code="DEADLINE_EXCEEDED",
             ) from None
         finally:

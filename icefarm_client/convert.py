@@ -1,13 +1,17 @@
-"""Generated messages → the client's dataclasses (and durations the other way)."""
+"""Generated messages → the client's dataclasses, and what callers pass as a duration → a
+timedelta or a protobuf Duration (the one place the client reads durations)."""
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from icefarm.v1 import types_pb2 as tpb
 from icefarm.v1 import worker_service_pb2 as wpb
+from icefarm_client.errors import InvalidArgument
 from icefarm_client.models import (
     BoardInfo,
     Device,
@@ -23,11 +27,63 @@ from icefarm_client.models import (
     WorkerState,
 )
 
+# A duration as the API takes it: a timedelta, seconds, or text such as "90s", "5m", "1h30m".
+DurationLike = timedelta | int | float | str
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_PART = re.compile(rf"({_NUMBER})\s*(ms|s|m|h|d)")
+_TEXT = re.compile(rf"\s*(?:{_NUMBER}|(?:{_NUMBER}\s*(?:ms|s|m|h|d)\s*)+)\s*")
+_EXAMPLES = "e.g. 90, 90s, 1500ms, 5m, 2h, 1d, 1h30m"
 
-def duration(value: timedelta) -> duration_pb2.Duration:
-    """A protobuf Duration."""
+
+def _seconds_of_text(text: str, field: str) -> float:
+    if not _TEXT.fullmatch(text):
+        if text.strip().startswith("-"):
+            raise InvalidArgument(f"{field}: must not be negative, got {text!r}", field=field)
+        raise InvalidArgument(f"{field}: {text!r} is not a duration ({_EXAMPLES})", field=field)
+    parts = _PART.findall(text)
+    if not parts:  # a plain number: seconds
+        return float(text)
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def to_timedelta(value: DurationLike, field: str = "duration") -> timedelta:
+    """`value` as a timedelta: a timedelta, a number of seconds, or text ("90", "90s",
+    "1500ms", "5m", "2h", "1d", compounds like "1h30m"). Anything else, or a negative
+    duration, is InvalidArgument naming `field`."""
+    if isinstance(value, timedelta):
+        result = value
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        kind = type(value).__name__
+        raise InvalidArgument(
+            f"{field}: a duration is a timedelta, seconds or text like '5m', not {kind}",
+            field=field,
+        )
+    else:
+        seconds = _seconds_of_text(value, field) if isinstance(value, str) else float(value)
+        if not math.isfinite(seconds):
+            raise InvalidArgument(f"{field}: must be finite, got {value!r}", field=field)
+        try:
+            result = timedelta(seconds=seconds)
+        except OverflowError:
+            raise InvalidArgument(f"{field}: {value!r} is too long", field=field) from None
+    if result < timedelta(0):
+        raise InvalidArgument(f"{field}: must not be negative, got {value!r}", field=field)
+    return result
+
+
+def optional_timedelta(value: DurationLike | None, field: str) -> timedelta | None:
+    """`to_timedelta`, with None left as None (the server's default)."""
+    return None if value is None else to_timedelta(value, field)
+
+
+def duration(value: DurationLike, field: str = "duration") -> duration_pb2.Duration:
+    """A protobuf Duration (InvalidArgument naming `field` for a bad value)."""
     message = duration_pb2.Duration()
-    message.FromTimedelta(value)
+    try:
+        message.FromTimedelta(to_timedelta(value, field))
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"{field}: {value!r} is too long", field=field) from None
     return message
 
 

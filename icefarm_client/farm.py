@@ -1,18 +1,28 @@
-"""`AsyncFarm`: a reservation held for the length of a `with` block, ready to evaluate on."""
+"""`AsyncFarm`: a reservation held from opening to closing (a `with` block, or `open()` and
+`close()` across notebook cells), ready to evaluate on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from icefarm_client.errors import DeadlineExceeded, DeviceFailed
+from icefarm_client import convert
+from icefarm_client.convert import DurationLike
+from icefarm_client.errors import (
+    DeadlineExceeded,
+    DeviceFailed,
+    PermissionDenied,
+    ReservationEnded,
+    ReservationNotFound,
+)
 from icefarm_client.evaluate import Bitstreams, Evaluation
 from icefarm_client.models import (
     DeviceState,
@@ -34,37 +44,61 @@ log = structlog.get_logger(__name__)
 READY_POLL = 1.0
 
 
+class Evaluating:
+    """The results of one `evaluate()` as they arrive, which closing the farm ends (its worker
+    streams stopped). Once closed or finished it yields nothing more: an async generator
+    closed from another task than the one iterating it can report itself "already running"
+    to the next `__anext__` (Python 3.11), so the generator is not asked again."""
+
+    def __init__(self, results: AsyncIterator[Result]) -> None:
+        self._results = results
+        self._done = False
+
+    def __aiter__(self) -> Evaluating:
+        return self
+
+    async def __anext__(self) -> Result:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            return await self._results.__anext__()
+        except BaseException:
+            self._done = True  # finished, failed or cancelled: the generator has ended
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the evaluation (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        aclose: Any = getattr(self._results, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class AsyncFarm:
-    """The devices of one reservation. Entering reserves and waits until they are READY;
-    leaving releases them. Meanwhile the lease is extended whenever the control says it is
-    ending soon, and `events` records what happened to the reservation."""
+    """The devices of one reservation.
+
+    Opening it (`async with`, `await farm` or `await farm.open()`) reserves — or, made by
+    `AsyncClient.resume`, takes an existing reservation of this client id back — and waits
+    until the devices are READY. Closing it (`await farm.close()`, or leaving the block) stops
+    any evaluation still running and releases the devices; it is idempotent. Meanwhile the
+    lease is extended whenever the control says it is ending soon, and `events` records what
+    happened to the reservation."""
 
     def __init__(
         self,
         client: AsyncClient,
         *,
-        count: int,
-        mode: str,
-        mode_args: dict[str, str],
-        selector: str,
-        device_ids: tuple[str, ...],
+        request: dict[str, Any] | None = None,
+        resume: str = "",
         duration: timedelta | None,
-        wait: timedelta | None,
         ready_timeout: timedelta,
-        wait_for_new_devices: bool = False,
         auto_extend: bool,
     ) -> None:
         self.client = client
-        self._request: dict[str, Any] = {
-            "count": count,
-            "mode": mode,
-            "mode_args": mode_args,
-            "selector": selector,
-            "device_ids": device_ids,
-            "duration": duration,
-            "wait": wait,
-            "wait_for_new_devices": wait_for_new_devices,
-        }
+        self._request = request
+        self._resume = resume
         self.duration = duration
         self.ready_timeout = ready_timeout
         self.auto_extend = auto_extend
@@ -80,10 +114,52 @@ class AsyncFarm:
         self._extended_at: float | None = None
         self._lease_seconds = 0.0
         self._extending: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        self._opened = False
+        self._closed = False
+        # Unfinished evaluate() iterators: closing the farm closes them before releasing, so
+        # none is left suspended with its worker streams open.
+        self._evaluations: weakref.WeakSet[Evaluating] = weakref.WeakSet()
 
-    # ------------------------------------------------------------ the with block
+    # ------------------------------------------------------------ opening and closing
+
+    @property
+    def opened(self) -> bool:
+        """True once the reservation is held and its devices have settled (until closed)."""
+        return self._opened and not self._closed
+
+    async def open(self) -> AsyncFarm:
+        """Reserve (or take the reservation back) and wait until the devices are READY;
+        returns the farm. Opening an open farm does nothing."""
+        async with self._opening:
+            if self._closed:
+                raise RuntimeError("this farm is closed: reserve again")
+            if not self._opened:
+                await self._open()
+                self._opened = True
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncFarm]:
+        return self.open().__await__()
 
     async def __aenter__(self) -> AsyncFarm:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self.close())
+
+    async def close(self) -> None:
+        """Stop unfinished evaluations and release the devices (a failed release is logged,
+        not raised). Closing again, or closing a farm never opened, does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        for evaluation in list(self._evaluations):
+            with contextlib.suppress(RuntimeError):  # one running in another task right now
+                await evaluation.aclose()
+        await self._release_quietly()
+
+    async def _open(self) -> None:
         self.client.start_session()
         queue = self.client._subscribe()
         try:
@@ -91,31 +167,66 @@ class AsyncFarm:
             # process dies (after the client grace) instead of holding it to the lease end.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.client.session.connected.wait(), SESSION_WAIT)
-            self._reservation = await self.client.create_reservation(**self._request)
+            if self._resume:
+                self._reservation = await self._take_back(self._resume)
+            else:
+                self._reservation = await self.client.create_reservation(**(self._request or {}))
             self._remove = self.client.on(None, self._on_event)
             await self._wait_ready(queue)
         except BaseException:
-            if self._reservation is not None:
+            if self._resume:
+                self._detach()  # a failed resume leaves the reservation as it was
+            elif self._reservation is not None:
                 await asyncio.shield(self._release_quietly())
             raise
         finally:
             self.client._subscribers.remove(queue)
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.shield(self._release_quietly())
+    async def _take_back(self, reservation_id: str) -> Reservation:
+        # Extend hands out a fresh worker token and never shortens the lease; moving the lease
+        # end also re-arms the "ending soon" warning, which an earlier Session may have had.
+        try:
+            (current,) = await self.client.extend(reservation_id, duration=self.duration)
+        except ReservationNotFound as exc:
+            raise ReservationNotFound(
+                f"no reservation {reservation_id} to resume", code=exc.code, reason=exc.reason
+            ) from None
+        except ReservationEnded as exc:
+            raise ReservationEnded(
+                f"{exc.message}: it cannot be resumed, reserve again",
+                code=exc.code,
+                reason=exc.reason,
+            ) from None
+        except PermissionDenied as exc:
+            raise type(exc)(
+                f"{exc.message}: resume it with the client id that made it "
+                f"(this client is {self.client.client_id!r})",
+                code=exc.code,
+                reason=exc.reason,
+            ) from None
+        return current
 
-    async def _release_quietly(self) -> None:
+    def _detach(self) -> None:
         self._stop_extending()
         if self._remove is not None:
             self._remove()
             self._remove = None
+
+    async def _release_quietly(self) -> None:
+        self._detach()
         if self._reservation is None or self.ended is not None:
             return
         try:
             await self.client.release(self._reservation.id)
         except Exception as exc:  # leaving must not hide the block's own exception
             log.warning("release failed", reservation=self._reservation.id, error=str(exc))
+            return
+        self.ended = Event(
+            EventType.RESERVATION_ENDED,
+            reservation_id=self._reservation.id,
+            reason=EndReason.RELEASED,
+            reservation_closed=True,
+        )
 
     # ------------------------------------------------------------ what it holds
 
@@ -123,7 +234,9 @@ class AsyncFarm:
     def reservation(self) -> Reservation:
         """The reservation (with the newest worker token)."""
         if self._reservation is None:
-            raise RuntimeError("enter the farm with `with` first")
+            raise RuntimeError(
+                "the farm is not open yet: `await farm.open()`, `await farm` or `async with`"
+            )
         return self._reservation
 
     @property
@@ -138,30 +251,43 @@ class AsyncFarm:
             d for d in self.reservation.devices if d.id in self.ready and d.id not in self.failed
         )
 
-    async def extend(self, duration: timedelta | None = None) -> Reservation:
+    async def extend(self, duration: DurationLike | None = None) -> Reservation:
         """Move the lease end to `duration` from now (default: the reserve's duration)."""
-        (extended,) = await self.client.extend(self.id, duration=duration or self.duration)
+        wanted = convert.optional_timedelta(duration, "duration")
+        (extended,) = await self.client.extend(self.id, duration=wanted or self.duration)
         self._take_extension(extended)
         return self.reservation
 
     async def release(self) -> Released:
-        """Release the devices now (leaving the block then does nothing more)."""
+        """Release the devices now (closing the farm then does nothing more)."""
+        if self._reservation is None:
+            return Released((), ())
         released = await self.client.release(self.id)
-        self._stop_extending()
-        if self._remove is not None:
-            self._remove()
-            self._remove = None
-        self.ended = Event(EventType.RESERVATION_ENDED, reservation_id=self.id)
+        self._detach()
+        self.ended = Event(
+            EventType.RESERVATION_ENDED,
+            reservation_id=self.id,
+            reason=EndReason.RELEASED,
+            reservation_closed=True,
+        )
         return released
 
     def evaluate(self, bitstreams: Bitstreams, *, in_flight: int = 2) -> AsyncIterator[Result]:
         """Evaluate bitstreams (paths, bytes, or (id, bytes) pairs) on every held board,
         yielding each Result as it arrives. At most `in_flight` bitstreams wait per board."""
+        if self.ended is not None:
+            raise ReservationEnded(
+                f"reservation {self.id} has ended ({self.ended.reason.value}): reserve again"
+            )
+        if self._closed:
+            raise RuntimeError("this farm is closed: reserve again")
         boards: Counter[tuple[str, str]] = Counter(
             (d.worker_endpoint, d.worker) for d in self.devices
         )
         run = Evaluation(self.client, self.reservation.token, dict(boards), bitstreams, in_flight)
-        return run.results()
+        evaluation = Evaluating(run.results())
+        self._evaluations.add(evaluation)
+        return evaluation
 
     # ------------------------------------------------------------ readiness and events
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
 
 import grpc
 import structlog
@@ -90,7 +89,7 @@ class OperatorCalls(CallBase):
         reservation_ids: Sequence[str] = (),
         device_ids: Sequence[str] = (),
         client_id: str = "",
-        duration: timedelta | None = None,
+        duration: convert.DurationLike | None = None,
     ) -> list[Reservation]:
         """Extend anyone's reservations by ids, devices or client (operator)."""
         request = cpb.ExtendReservationsRequest(
@@ -111,11 +110,13 @@ class OperatorCalls(CallBase):
         request = cpb.RebootDeviceRequest(device_id=device_id)
         return convert.device((await self._call("control", "RebootDevice", request)).device)
 
-    async def drain_worker(self, worker: str, timeout: timedelta | None = None) -> Worker:
+    async def drain_worker(
+        self, worker: str, timeout: convert.DurationLike | None = None
+    ) -> Worker:
         """No new reservations on `worker`; holders are told; it stops when the last ends."""
         request = cpb.DrainWorkerRequest(worker=worker)
         if timeout is not None:
-            request.timeout.CopyFrom(convert.duration(timeout))
+            request.timeout.CopyFrom(convert.duration(timeout, "timeout"))
         return convert.worker((await self._call("control", "DrainWorker", request)).worker)
 
     async def watch_events(

@@ -4,9 +4,12 @@ runs in a background thread (so it works inside a running loop too, as in Jupyte
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import inspect
 import threading
+import weakref
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -23,6 +26,7 @@ import grpc
 
 from icefarm_client.aio import AsyncClient
 from icefarm_client.connection import RetryPolicy
+from icefarm_client.convert import DurationLike
 from icefarm_client.evaluate import Bitstreams
 from icefarm_client.farm import AsyncFarm
 from icefarm_client.models import (
@@ -43,6 +47,8 @@ from icefarm_client.models import (
 T = TypeVar("T")
 # How long an interrupted call may take to wind down (e.g. release what it reserved).
 INTERRUPT_GRACE = 15.0
+# How long closing a Client waits for the tasks still on its loop to finish being cancelled.
+STOP_GRACE = 10.0
 
 
 class _LoopThread:
@@ -52,10 +58,15 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="icefarm", daemon=True)
         self.thread.start()
+        _running.add(self)
 
     def run(self, coroutine: Awaitable[T]) -> T:
         """Run `coroutine` on the loop and wait for it. Ctrl-C cancels it (letting it clean
         up, bounded) and is raised again."""
+        if not self.loop.is_running():
+            if inspect.iscoroutine(coroutine):
+                coroutine.close()  # never awaited, on purpose
+            raise RuntimeError("this Client is closed")
         tasks: list[asyncio.Task[Any]] = []
 
         async def tracked() -> T:
@@ -90,41 +101,114 @@ class _LoopThread:
                     self.run(close())
 
     def stop(self) -> None:
-        """Stop the loop and its thread."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.loop.is_running():
+        """Cancel and await whatever still runs on the loop (as `asyncio.run` does: no task is
+        left to be destroyed pending), then stop the loop and its thread."""
+        _running.discard(self)
+        if self.loop.is_running():
+            finishing = asyncio.run_coroutine_threadsafe(_finish_tasks(), self.loop)
+            with contextlib.suppress(BaseException):
+                finishing.result(timeout=STOP_GRACE)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+        if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
 
 
+async def _finish_tasks() -> None:
+    loop = asyncio.get_running_loop()
+    # Cancelling one task can start another (an async generator's finaliser closes it in a
+    # new task): repeat until none is left.
+    for _ in range(10):
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if not left:
+            break
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+    await loop.shutdown_asyncgens()
+
+
+# Loops of Clients not closed yet: stopped at interpreter exit (reservations stay held).
+_running: weakref.WeakSet[_LoopThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_loops() -> None:
+    for runner in list(_running):
+        runner.stop()
+
+
 class Farm:
-    """The devices of one reservation, for a `with` block (see `Client.reserve`)."""
+    """The devices of one reservation (see `Client.reserve` and `Client.resume`).
+
+    Use it in a `with` block, or across notebook cells: `farm.open()` (or the first
+    `evaluate`, `extend`, `id`, `reservation` or `devices`) reserves and waits until the
+    devices are READY; `farm.close()` releases them (idempotent; also what leaving the `with`
+    block does)."""
 
     def __init__(self, runner: _LoopThread, farm: AsyncFarm) -> None:
         self._runner = runner
         self._farm = farm
 
     def __enter__(self) -> Farm:
-        self._runner.run(self._farm.__aenter__())
-        return self
+        return self.open()
 
     def __exit__(self, *exc: object) -> None:
-        self._runner.run(self._farm.__aexit__(*exc))
+        self.close()
+
+    def __repr__(self) -> str:
+        held = self._farm._reservation
+        if held is None:
+            return "<Farm (not open)>"
+        closed = "" if self.opened else ", closed"
+        return f"<Farm {held.id}: {len(self._farm.devices)} device(s){closed}>"
+
+    def open(self) -> Farm:
+        """Reserve (or take the reservation back) and wait until the devices are READY;
+        returns the farm. Opening an open farm does nothing."""
+        self._runner.run(self._farm.open())
+        return self
+
+    def close(self) -> None:
+        """Stop unfinished evaluations and release the devices. Closing again, or closing a
+        farm never opened, does nothing."""
+        farm = self._farm
+        if farm._closed:
+            return
+        if not self._runner.loop.is_running():
+            if farm._reservation is None or farm.ended is not None:
+                farm._closed = True  # nothing is held
+                return
+            raise RuntimeError(
+                f"the Client of reservation {farm.id} is closed; a Client of the same client "
+                f"id can take it back with resume({farm.id!r}) and close it"
+            )
+        self._runner.run(farm.close())
+
+    @property
+    def opened(self) -> bool:
+        """True while the farm is open (reserved and settled, not closed)."""
+        return self._farm.opened
+
+    def _open_farm(self) -> AsyncFarm:
+        if not self._farm._opened:
+            self.open()
+        return self._farm
 
     @property
     def reservation(self) -> Reservation:
-        """The reservation (with the newest worker token)."""
-        return self._farm.reservation
+        """The reservation (with the newest worker token); opens the farm if needed."""
+        return self._open_farm().reservation
 
     @property
     def id(self) -> str:
-        """The reservation id."""
-        return self._farm.id
+        """The reservation id; opens the farm if needed."""
+        return self._open_farm().id
 
     @property
     def devices(self) -> tuple[ReservedDevice, ...]:
-        """The held devices that are READY and have not failed."""
-        return self._farm.devices
+        """The held devices that are READY and have not failed; opens the farm if needed."""
+        return self._open_farm().devices
 
     @property
     def events(self) -> list[Event]:
@@ -146,17 +230,20 @@ class Farm:
         """How many times the lease was extended (automatically or by `extend`)."""
         return self._farm.extensions
 
-    def extend(self, duration: timedelta | None = None) -> Reservation:
-        """Move the lease end to `duration` from now."""
-        return self._runner.run(self._farm.extend(duration))
+    def extend(self, duration: DurationLike | None = None) -> Reservation:
+        """Move the lease end to `duration` from now (a timedelta, seconds or "30m")."""
+        farm = self._open_farm()
+        return self._runner.run(farm.extend(duration))
 
     def release(self) -> Released:
-        """Release the devices now."""
+        """Release the devices now (and raise if that fails; `close()` only logs it)."""
         return self._runner.run(self._farm.release())
 
     def evaluate(self, bitstreams: Bitstreams, *, in_flight: int = 2) -> Iterator[Result]:
-        """Evaluate bitstreams on every held board; each Result as it arrives."""
-        return self._runner.iterate(self._farm.evaluate(bitstreams, in_flight=in_flight))
+        """Evaluate bitstreams on every held board; each Result as it arrives (opens the
+        farm if needed)."""
+        farm = self._open_farm()
+        return self._runner.iterate(farm.evaluate(bitstreams, in_flight=in_flight))
 
 
 class Client:
@@ -208,10 +295,15 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the Session, the channels and the background thread."""
+        """Close the Session, the channels and the background thread. Reservations are not
+        released: a farm left open is held until its lease ends or, after the control's
+        client grace, until no Session of this client id has been seen for that long — a
+        Client of the same client id can `resume` it meanwhile. Closing twice does nothing."""
         if self._runner.loop.is_running():
-            self._runner.run(self.aio.close())
-            self._runner.stop()
+            try:
+                self._runner.run(self.aio.close())
+            finally:
+                self._runner.stop()
 
     @property
     def client_id(self) -> str:
@@ -228,22 +320,101 @@ class Client:
 
     # ------------------------------------------------------------ reservations
 
-    def reserve(self, count: int = 0, **options: Any) -> Farm:
-        """`with client.reserve(4, mode="pulsecount", wait=timedelta(minutes=5)) as farm:`
-        (options as for `AsyncClient.reserve`: mode, mode_args, selector, device_ids,
-        duration, wait, ready_timeout, auto_extend)."""
-        return Farm(self._runner, self.aio.reserve(count, **options))
+    def reserve(
+        self,
+        count: int = 0,
+        *,
+        mode: str = "",
+        mode_args: dict[str, str] | None = None,
+        selector: str = "",
+        device_ids: Sequence[str] = (),
+        duration: DurationLike | None = None,
+        wait: DurationLike | None = None,
+        wait_for_new_devices: bool = False,
+        ready_timeout: DurationLike = timedelta(minutes=2),
+        auto_extend: bool = True,
+    ) -> Farm:
+        """`count` devices matching `selector` (or exactly `device_ids`) in `mode` as a
+        `Farm`: `with client.reserve(4, mode="pulsecount", wait="5m") as farm:`, or in a
+        notebook `farm = client.reserve(4, mode="pulsecount").open()` … `farm.close()`.
 
-    def create_reservation(self, count: int = 0, **options: Any) -> Reservation:
-        """Reserve and return at once; held until its lease ends or it is released
-        (options as for `AsyncClient.create_reservation`)."""
-        return self._run(self.aio.create_reservation(count, **options))
+        Nothing is reserved until the farm is opened; opening reserves (queueing up to `wait`
+        for free devices, WaitTimeout after it; NotEnoughDevices at once without it), waits
+        until every device is READY (DeadlineExceeded after `ready_timeout`), keeps the
+        Session open and extends the lease (`duration`, default the control's) whenever it is
+        ending soon unless `auto_extend` is False. Closing releases, also on an exception.
+        Durations are a timedelta, seconds, or text like "90s", "5m", "1h30m"."""
+        farm = self.aio.reserve(
+            count,
+            mode=mode,
+            mode_args=mode_args,
+            selector=selector,
+            device_ids=device_ids,
+            duration=duration,
+            wait=wait,
+            wait_for_new_devices=wait_for_new_devices,
+            ready_timeout=ready_timeout,
+            auto_extend=auto_extend,
+        )
+        return Farm(self._runner, farm)
 
-    def extend(self, *reservation_ids: str, duration: timedelta | None = None) -> list[Reservation]:
-        """Extend these reservations."""
+    def resume(
+        self,
+        reservation_id: str,
+        *,
+        duration: DurationLike | None = None,
+        ready_timeout: DurationLike = timedelta(minutes=2),
+        auto_extend: bool = True,
+    ) -> Farm:
+        """Take back an active reservation of this client id — one an earlier Client left
+        open, e.g. before a notebook kernel restarted — as an open `Farm`: its lease is
+        extended to at least `duration` from now (default: the control's default lease), its
+        devices are READY, it auto-extends, and `close()` releases it. ReservationNotFound
+        for an unknown id, ReservationEnded for one that has ended (reserve again),
+        PermissionDenied for another client id's."""
+        farm = self.aio.resume(
+            reservation_id, duration=duration, ready_timeout=ready_timeout, auto_extend=auto_extend
+        )
+        return Farm(self._runner, farm).open()
+
+    def create_reservation(
+        self,
+        count: int = 0,
+        *,
+        mode: str = "",
+        mode_args: dict[str, str] | None = None,
+        selector: str = "",
+        device_ids: Sequence[str] = (),
+        duration: DurationLike | None = None,
+        wait: DurationLike | None = None,
+        wait_for_new_devices: bool = False,
+    ) -> Reservation:
+        """Reserve `count` devices matching `selector` (or exactly `device_ids`), all or
+        nothing, and return at once (devices may still be preparing). `wait` queues fairly
+        until enough are free (WaitTimeout when it runs out); without it NotEnoughDevices is
+        raised at once, and also when the farm has fewer matching devices than `count` unless
+        `wait_for_new_devices`. Held until its lease ends (`duration`, default the
+        control's) or it is released; nothing extends it."""
+        return self._run(
+            self.aio.create_reservation(
+                count,
+                mode=mode,
+                mode_args=mode_args,
+                selector=selector,
+                device_ids=device_ids,
+                duration=duration,
+                wait=wait,
+                wait_for_new_devices=wait_for_new_devices,
+            )
+        )
+
+    def extend(
+        self, *reservation_ids: str, duration: DurationLike | None = None
+    ) -> list[Reservation]:
+        """Extend these reservations to `duration` from now (never earlier)."""
         return self._run(self.aio.extend(*reservation_ids, duration=duration))
 
-    def extend_all(self, duration: timedelta | None = None) -> list[Reservation]:
+    def extend_all(self, duration: DurationLike | None = None) -> list[Reservation]:
         """Extend every active reservation of this client."""
         return self._run(self.aio.extend_all(duration))
 
@@ -264,7 +435,7 @@ class Client:
         return self._run(self.aio.availability(selector))
 
     def wait_available(
-        self, count: int, selector: str = "", timeout: timedelta | None = None
+        self, count: int, selector: str = "", timeout: DurationLike | None = None
     ) -> Availability:
         """Wait until `count` devices matching `selector` are free (WaitTimeout)."""
         return self._run(self.aio.wait_available(count, selector, timeout))
@@ -316,7 +487,7 @@ class Client:
         """Ask a device's worker to reboot it."""
         return self._run(self.aio.reboot_device(device_id))
 
-    def drain_worker(self, worker: str, timeout: timedelta | None = None) -> Worker:
+    def drain_worker(self, worker: str, timeout: DurationLike | None = None) -> Worker:
         """Drain a worker."""
         return self._run(self.aio.drain_worker(worker, timeout))
 
