@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from icefarm_client.cli.output import Progress, plain, print_json, table, write_csv
+from icefarm_client.cli.output import CsvLines, JsonLines, Progress, plain, print_json, table
 from icefarm_client.errors import IcefarmError
 from icefarm_client.models import Result
 from icefarm_client.sync import Client
@@ -24,7 +26,13 @@ def result_row(result: Result) -> tuple[str, str, str, int, str, str]:
 
 
 def evaluate(client: Client, args: argparse.Namespace) -> int:
-    """Reserve boards, evaluate the files on them, print every result, release."""
+    """Reserve boards, evaluate the files on them, print every result, release. `--csv` and
+    `--jsonl` write each result the moment it arrives (Ctrl-C keeps what was written); the
+    table and `--json` come at the end, in the order of the files."""
+    chosen = [flag for flag in ("json", "csv", "jsonl") if getattr(args, flag, False)]
+    if len(chosen) > 1:
+        print("icefarm: error: evaluate: choose one of --json, --csv, --jsonl", file=sys.stderr)
+        return 2
     paths = [Path(p) for p in args.files]
     for path in paths:
         if not path.is_file():
@@ -33,23 +41,39 @@ def evaluate(client: Client, args: argparse.Namespace) -> int:
     results: list[Result] = []
     progress = Progress(len(paths), "evaluating ")
     with client.reserve(count, mode=args.mode, selector=args.selector, wait=args.wait) as farm:
+        write = _streamed_output(args)
         try:
             for result in farm.evaluate(paths, in_flight=args.in_flight):
                 results.append(result)
+                write(result)
                 progress.advance(failed=not result.ok)
         finally:
             progress.close()
-    order = {str(p): i for i, p in enumerate(paths)}
-    results.sort(key=lambda r: order.get(r.bitstream_id, len(order)))
-    if args.json:
-        print_json(results)
-    elif args.csv:
-        write_csv(RESULT_COLUMNS, (result_row(r) for r in results))
-    else:
-        table([c.upper() for c in RESULT_COLUMNS], (result_row(r) for r in results))
-        failed = sum(not r.ok for r in results)
-        print(f"{len(results) - failed} evaluated, {failed} failed on {count} board(s)")
+    if not (args.csv or args.jsonl):
+        _print_sorted(results, paths, count, args.json)
     return 0 if all(r.ok for r in results) else 1
+
+
+def _streamed_output(args: argparse.Namespace) -> Callable[[Result], None]:
+    """What to do with each result as it arrives: write a CSV or JSON Lines line, or
+    nothing (the table and --json are printed at the end)."""
+    if args.jsonl:
+        return JsonLines().write
+    if args.csv:
+        lines = CsvLines(RESULT_COLUMNS)
+        return lambda result: lines.write(result_row(result))
+    return lambda result: None
+
+
+def _print_sorted(results: list[Result], paths: list[Path], count: int, as_json: bool) -> None:
+    order = {str(p): i for i, p in enumerate(paths)}
+    results = sorted(results, key=lambda r: order.get(r.bitstream_id, len(order)))
+    if as_json:
+        print_json(results)
+        return
+    table([c.upper() for c in RESULT_COLUMNS], (result_row(r) for r in results))
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} evaluated, {failed} failed on {count} board(s)")
 
 
 def _usbip() -> str:

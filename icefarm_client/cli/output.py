@@ -47,11 +47,37 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO | N
         stream.write("\n")
 
 
-def write_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """CSV on stdout."""
-    writer = csv.writer(sys.stdout)
-    writer.writerow(headers)
-    writer.writerows(rows)
+def json_line(value: Any) -> str:
+    """One compact JSON object, as a line of JSON Lines (without the newline)."""
+    return json.dumps(plain(value), sort_keys=True)
+
+
+class CsvLines:
+    """CSV written as it comes: the header at once, then each row flushed as it is written,
+    so a run stopped half-way leaves every row it had."""
+
+    def __init__(self, headers: Sequence[str], out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self._writer = csv.writer(self.out)
+        self._writer.writerow(headers)
+        self.out.flush()
+
+    def write(self, row: Sequence[Any]) -> None:
+        """One row, flushed."""
+        self._writer.writerow(row)
+        self.out.flush()
+
+
+class JsonLines:
+    """JSON Lines written as they come: each value one complete line, flushed."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+
+    def write(self, value: Any) -> None:
+        """One value, flushed."""
+        self.out.write(json_line(value) + "\n")
+        self.out.flush()
 
 
 def when(value: datetime | None) -> str:

@@ -233,3 +233,4 @@ def test_the_demo_runs_end_to_end() -> None:
     assert "✓ 8/8 results match" in done.stdout
     assert "icefarm demo --keep-running" in done.stdout  # the commands to try come with it
     assert "stopped the worker and the control" in done.stdout
+    assert "Task was destroyed" not in done.stdout + done.stderr
