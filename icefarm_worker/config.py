@@ -12,6 +12,7 @@ machine) are only declared in the file, as `[[devices]]` tables (see `DeviceDecl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 from icefarm import settings
 from icefarm.labels import key_problem, value_problem
 from icefarm.settings import ConfigError as ConfigError
-from icefarm.settings import layered_values, unknown_variables
+from icefarm.settings import layered_values, unknown_variables, with_default
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -279,12 +280,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"TOML file with any of the settings below [{ENV_PREFIX}CONFIG]",
     )
+    defaults = {f.name: f.default for f in dataclasses.fields(WorkerConfig)}
     for setting in SETTINGS:
+        default = defaults.get(setting.name)
+        if isinstance(default, tuple):
+            default = ",".join(str(part) for part in default)
+        elif setting.parse is parse_seconds and isinstance(default, int | float):
+            default = f"{default:g}s"  # durations are seconds here, written as 30s
+        text = with_default(setting.help, None if default is dataclasses.MISSING else default)
         parser.add_argument(
             setting.flag,
             dest=setting.name,
             metavar=setting.name.split("_")[-1].upper(),
-            help=f"{setting.help} [{setting.env}]",
+            help=f"{text} [{setting.env}]",
         )
     parser.add_argument(
         "--label",

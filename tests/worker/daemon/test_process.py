@@ -125,6 +125,13 @@ def test_an_unknown_setting_in_the_config_file_is_refused(tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr
 
 
+def test_help_shows_defaults_as_written() -> None:
+    done = subprocess.run([WORKER, "run", "--help"], capture_output=True, text=True, timeout=30)
+    text = " ".join(done.stdout.split())
+    assert "(default: 10s) [ICEFARM_WORKER_EVALUATE_TIMEOUT]" in text
+    assert "(default: 127.0.0.1:50051) [ICEFARM_WORKER_CONTROL]" in text
+
+
 def test_help_documents_every_setting() -> None:
     from icefarm_worker.config import SETTINGS
 
