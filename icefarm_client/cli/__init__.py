@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -18,21 +17,21 @@ from icefarm.logs import configure_logging
 from icefarm_client.cli import commands, experiment
 from icefarm_client.cli.completion import script
 from icefarm_client.connection import RetryPolicy
-from icefarm_client.errors import IcefarmError
+from icefarm_client.convert import to_timedelta
+from icefarm_client.errors import IcefarmError, InvalidArgument
 from icefarm_client.models import DeviceState
 from icefarm_client.sync import Client
 
 Command = Callable[[Client, argparse.Namespace], int]
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 def duration(text: str) -> timedelta:
-    """`90`, `90s`, `1500ms`, `5m`, `2h`, `1d` → timedelta (argparse type)."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90s, 5m, 2h)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    """`90`, `90s`, `1500ms`, `5m`, `2h`, `1d`, `1h30m` → timedelta (argparse type): the
+    library's own reading, so the CLI and Python take the same durations."""
+    try:
+        return to_timedelta(text)
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90s, 5m, 2h)") from None
 
 
 def _connection(parser: argparse.ArgumentParser, default: object) -> None:
