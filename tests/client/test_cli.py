@@ -127,6 +127,9 @@ def test_bad_input_exit_codes_and_one_line_errors(farm: RunningFarm) -> None:
     assert "position 4" in bad.stderr
     too_many = icefarm("reserve", "9", control=farm.address)
     assert_one_line_error(too_many)
+    # Wanted, matching and free, in so many words.
+    assert f"9 device(s) wanted but the farm has only {BOARDS}" in too_many.stderr
+    assert "free)" in too_many.stderr
     unknown = icefarm("release", "no-such-reservation", control=farm.address)
     assert unknown.returncode in (0, 1) and "Traceback" not in unknown.stderr
 
