@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import threading
@@ -11,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from icefarm.settings import format_duration
-from icefarm_client.cli.output import plain, print_json, table, when
+from icefarm_client.cli.output import json_line, print_json, table, when
 from icefarm_client.errors import IcefarmError
 from icefarm_client.models import DeviceState, Event, EventType, Reservation
 from icefarm_client.sync import Client
@@ -224,6 +223,5 @@ def watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def print_json_line(value: object) -> None:
-    """One compact JSON object per line (for feeds)."""
-    sys.stdout.write(json.dumps(plain(value), sort_keys=True) + "\n")
-    sys.stdout.flush()
+    """One compact JSON object per line (for feeds), flushed."""
+    print(json_line(value), flush=True)
